@@ -1,0 +1,12 @@
+"""moepaper: one-shot expert pruning of MoE language models.
+
+One calibration pass collects every expert statistic; the unified formulation
+S(b, alpha, beta) = N_j^-b * sum_t 1[j routed] g^alpha ||f||^beta scores experts;
+experts are pruned structurally or masked; lm-eval evaluates the result.
+"""
+
+__version__ = "0.1.0"
+
+from .architecture import MoELayer, UnsupportedModelError, find_moe_layers
+
+__all__ = ["MoELayer", "UnsupportedModelError", "find_moe_layers", "__version__"]
