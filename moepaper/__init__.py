@@ -8,5 +8,21 @@ experts are pruned structurally or masked; lm-eval evaluates the result.
 __version__ = "0.1.0"
 
 from .architecture import MoELayer, UnsupportedModelError, find_moe_layers
+from .statistics import ExpertStatistics, NonFiniteActivationError, StatisticsMismatchError, collect_statistics
+from .criteria import CRITERIA, Criterion, criterion_grid, expert_scores, mone_scores
 
-__all__ = ["MoELayer", "UnsupportedModelError", "find_moe_layers", "__version__"]
+__all__ = [
+    "MoELayer",
+    "UnsupportedModelError",
+    "find_moe_layers",
+    "ExpertStatistics",
+    "NonFiniteActivationError",
+    "StatisticsMismatchError",
+    "collect_statistics",
+    "CRITERIA",
+    "Criterion",
+    "criterion_grid",
+    "expert_scores",
+    "mone_scores",
+    "__version__",
+]

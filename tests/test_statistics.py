@@ -1,0 +1,271 @@
+"""collect_statistics against an independent brute-force computation, and the criteria."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moepaper import (
+    CRITERIA,
+    ExpertStatistics,
+    NonFiniteActivationError,
+    StatisticsMismatchError,
+    collect_statistics,
+    criterion_grid,
+    expert_scores,
+    find_moe_layers,
+    mone_scores,
+)
+from moepaper.criteria import Criterion
+from moepaper.tiny import random_batch, tiny_model
+
+
+def expert_output(experts, e: int, h: torch.Tensor) -> torch.Tensor:
+    """f_e(h) for one token, straight from the fused weights (written independently of moepaper)."""
+    if experts.is_transposed:  # gpt-oss: [H, 2I] interleaved gate/up, biases, clamped SwiGLU
+        gate_up = h @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
+        gate, up = gate_up[0::2], gate_up[1::2]
+        gate = gate.clamp(max=experts.limit)
+        up = up.clamp(min=-experts.limit, max=experts.limit)
+        x = (up + 1) * (gate * torch.sigmoid(gate * experts.alpha))
+        return x @ experts.down_proj[e] + experts.down_proj_bias[e]
+    gate_up = experts.gate_up_proj[e] @ h  # [2I]
+    inter = experts.down_proj.shape[2]
+    x = experts.act_fn(gate_up[:inter]) * gate_up[inter:]
+    return experts.down_proj[e] @ x
+
+
+def brute_force(model, batches, gate="routing_weight"):
+    """Per-token loop over the selected experts; routing read from the blocks' routers."""
+    layers = find_moe_layers(model)
+    captured = {i: [] for i in range(len(layers))}
+    hooks = []
+    for i, layer in enumerate(layers):
+        def pre(module, args, _i=i):
+            captured[_i].append(tuple(a.detach().clone() for a in args[:3]))
+        def router_out(module, args, output, _i=i):
+            captured[_i].append(("logits", output[0].detach().clone()))
+        hooks.append(layer.experts.register_forward_pre_hook(pre))
+        hooks.append(layer.router.register_forward_hook(router_out))
+    masks = []
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+            masks.append(b["attention_mask"].reshape(-1).bool())
+    for h in hooks:
+        h.remove()
+    L, E = len(layers), layers[0].num_experts
+    H = model.config.hidden_size
+    moments = torch.zeros(L, 3, 3, E, dtype=torch.float64)
+    out_sum = torch.zeros(L, E, H, dtype=torch.float64)
+    tokens = torch.zeros(L, dtype=torch.float64)
+    sigmoid = model.config.model_type in ("deepseek_v3", "glm4_moe")
+    for i, layer in enumerate(layers):
+        entries = captured[i]
+        logits = [x[1] for x in entries if x[0] == "logits"]
+        calls = [x for x in entries if x[0] != "logits"]
+        for (hidden, idx, wts), lg, mask in zip(calls, logits, masks):
+            probs = lg.float().sigmoid() if sigmoid else lg.float().softmax(-1)
+            for t in range(hidden.shape[0]):
+                if not mask[t]:
+                    continue
+                tokens[i] += 1
+                for k in range(idx.shape[1]):
+                    e = int(idx[t, k])
+                    f = expert_output(layer.experts, e, hidden[t]).detach().double()
+                    g = float(wts[t, k]) if gate == "routing_weight" else float(probs[t, e])
+                    n = float(f.norm())
+                    for a in range(3):
+                        for bb in range(3):
+                            moments[i, a, bb, e] += g**a * n**bb
+                    out_sum[i, e] += f
+    return moments, out_sum, tokens
+
+
+def test_statistics_equal_brute_force(family):
+    # float64 weights: the comparison then measures moepaper, not float32 matmul rounding
+    model = tiny_model(family, dtype=torch.float64)
+    model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+    batches = [random_batch(batch=2, seq_len=10, seed=1, pad_last=3), random_batch(batch=1, seq_len=7, seed=2)]
+    stats = collect_statistics(model, batches, progress=False)
+    moments, out_sum, tokens = brute_force(model, batches)
+    torch.testing.assert_close(stats.moments, moments, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(stats.output_sum, out_sum, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(stats.tokens, tokens)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3", "gpt_oss", "ernie4_5_moe"])
+def test_router_probability_gate_equals_brute_force(family):
+    model = tiny_model(family, dtype=torch.float64)
+    model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+    batches = [random_batch(batch=2, seq_len=9, seed=3, pad_last=2)]
+    stats = collect_statistics(model, batches, gate="router_probability", progress=False)
+    moments, _, _ = brute_force(model, batches, gate="router_probability")
+    torch.testing.assert_close(stats.moments, moments, rtol=1e-6, atol=1e-9)
+    assert stats.metadata["gate"] == "router_probability"
+
+
+def test_counts_sum_to_tokens_times_top_k(model, batch):
+    stats = collect_statistics(model, [batch], progress=False)
+    real = int(batch["attention_mask"].sum())
+    assert stats.tokens.tolist() == [float(real)] * stats.num_layers
+    for l, k in enumerate(stats.top_k):
+        assert stats.count[l].sum().item() == real * k
+
+
+def test_padding_changes_nothing(model):
+    plain = random_batch(batch=1, seq_len=8, seed=5)
+    padded = {
+        "input_ids": torch.cat([plain["input_ids"], torch.randint(0, 128, (1, 5))], dim=1),
+        "attention_mask": torch.cat([plain["attention_mask"], torch.zeros(1, 5, dtype=torch.long)], dim=1),
+    }
+    a = collect_statistics(model, [plain], progress=False)
+    b = collect_statistics(model, [padded], progress=False)
+    # float32 attention over a longer (masked) sequence rounds differently: 1e-5, not bitwise
+    assert torch.equal(a.count, b.count)
+    torch.testing.assert_close(a.moments, b.moments, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.output_sum, b.output_sum, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_merge_of_halves_equals_whole_and_save_load_round_trip(tmp_path, model):
+    first = [random_batch(batch=2, seq_len=8, seed=10)]
+    second = [random_batch(batch=2, seq_len=8, seed=11, pad_last=2)]
+    whole = collect_statistics(model, first + second, progress=False, calibration="whole")
+    merged = collect_statistics(model, first, progress=False, calibration="a").merge(
+        collect_statistics(model, second, progress=False, calibration="b")
+    )
+    torch.testing.assert_close(merged.moments, whole.moments, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(merged.output_sum, whole.output_sum, rtol=1e-12, atol=1e-12)
+    assert torch.equal(merged.tokens, whole.tokens)
+    assert merged.metadata["token_count"] == whole.metadata["token_count"]
+    assert merged.metadata["calibration"] == "a + b"
+
+    path = whole.save(tmp_path / "stats.safetensors")
+    loaded = ExpertStatistics.load(path)
+    assert torch.equal(loaded.moments, whole.moments)
+    assert torch.equal(loaded.output_sum, whole.output_sum)
+    assert torch.equal(loaded.tokens, whole.tokens)
+    assert (loaded.layers, loaded.num_experts, loaded.top_k) == (whole.layers, whole.num_experts, whole.top_k)
+    assert loaded.metadata == whole.metadata
+    for key in ("model_class", "model_name", "calibration", "token_count", "dtype", "gate", "moepaper_version"):
+        assert key in loaded.metadata
+    loaded.check_model(model)
+
+
+def test_mismatched_statistics_are_refused(tmp_path):
+    a = collect_statistics(tiny_model("olmoe"), [random_batch()], progress=False)
+    other = tiny_model("olmoe", num_experts=4)
+    with pytest.raises(StatisticsMismatchError, match=r"\[8, 8, 8\] experts per layer but OlmoeForCausalLM has \[4, 4, 4\]"):
+        a.check_model(other)
+    b = collect_statistics(other, [random_batch()], progress=False)
+    with pytest.raises(StatisticsMismatchError, match="different num_experts"):
+        a.merge(b)
+    with pytest.raises(StatisticsMismatchError, match="MoE layers"):
+        a.check_model(tiny_model("qwen3_moe"))
+    with pytest.raises(FileNotFoundError, match="no statistics file"):
+        ExpertStatistics.load(tmp_path / "missing.safetensors")
+
+
+def test_collection_leaves_logits_unchanged(model, batch):
+    with torch.no_grad():
+        before = model(**batch).logits
+    collect_statistics(model, [batch], progress=False)
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert torch.equal(before, after)
+    # and during collection the model computes the same logits: observe them
+    seen = []
+    handle = model.register_forward_hook(lambda m, a, o: seen.append(o.logits.detach().clone()))
+    collect_statistics(model, [batch], progress=False)
+    handle.remove()
+    torch.testing.assert_close(seen[0], before, rtol=0, atol=1e-6)
+
+
+def test_nonfinite_expert_output_names_layer_and_expert():
+    model = tiny_model("olmoe")
+    layer = find_moe_layers(model)[1]
+    stats_before = collect_statistics(model, [random_batch()], progress=False)
+    busiest = int(stats_before.count[1].argmax())
+    with torch.no_grad():
+        layer.experts.down_proj[busiest].fill_(float("nan"))
+    with pytest.raises(NonFiniteActivationError, match=rf"expert\(s\) \[{busiest}\] of MoE layer 1"):
+        collect_statistics(model, [random_batch()], progress=False)
+    # the model is restored even after the error
+    assert "forward" not in layer.experts.__dict__
+
+
+def test_invalid_gate_is_refused(model):
+    with pytest.raises(ValueError, match="gate must be one of"):
+        collect_statistics(model, [], gate="softmax")
+
+
+# --- criteria -----------------------------------------------------------------------------
+
+
+def test_named_criteria_are_their_definitions(model, batch):
+    stats = collect_statistics(model, [batch], progress=False)
+    moments, _, tokens = brute_force(model, [batch])
+    n = moments[:, 0, 0]
+    mean = lambda m: torch.where(n > 0, m / n.clamp(min=1), torch.zeros_like(m))
+    expected = {
+        "frequency": n,
+        "seer": moments[:, 1, 0],
+        "ean": moments[:, 0, 1],
+        "reap": mean(moments[:, 1, 1]),
+        "man": mean(moments[:, 0, 1]),
+        "msan": mean(moments[:, 0, 2]),
+        "gated_ean": moments[:, 1, 1],
+        "gated_squared": moments[:, 2, 2],
+    }
+    assert set(CRITERIA) == set(expected)
+    for name, want in expected.items():
+        torch.testing.assert_close(expert_scores(stats, name), want, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_grid_and_points():
+    grid = criterion_grid()
+    points = [c.point for c in grid]
+    assert len(points) == 17 and len(set(points)) == 17 and (1, 0, 0) not in points
+    assert {c.name for c in grid} >= set(CRITERIA)
+    assert CRITERIA["man"].point == (1, 0, 1) and CRITERIA["msan"].point == (1, 0, 2)
+    with pytest.raises(ValueError, match="constant"):
+        Criterion(1, 0, 0)
+    with pytest.raises(ValueError, match="b must be 0 or 1"):
+        Criterion(2, 0, 0)
+
+
+def test_never_routed_experts_score_zero():
+    model = tiny_model("mixtral")
+    stats = collect_statistics(model, [random_batch(batch=1, seq_len=2)], progress=False)
+    unrouted = stats.count == 0
+    assert unrouted.any()  # 2 tokens x top-2 cannot reach all 8 experts
+    for c in criterion_grid():
+        assert (expert_scores(stats, c)[unrouted] == 0).all()
+    assert (mone_scores(stats)[unrouted] == 0).all()
+
+
+def test_mone_is_frequency_times_output_variance(family, batch):
+    model = tiny_model(family, dtype=torch.float64)
+    model.set_experts_implementation("eager")
+    stats = collect_statistics(model, [batch], progress=False)
+    layer = find_moe_layers(model)[0]
+    outputs = {e: [] for e in range(layer.num_experts)}
+    captured = []
+    h = layer.experts.register_forward_pre_hook(lambda m, a: captured.append(a))
+    with torch.no_grad():
+        model(**batch)
+    h.remove()
+    hidden, idx, _ = captured[0]
+    mask = batch["attention_mask"].reshape(-1).bool()
+    for t in range(hidden.shape[0]):
+        if mask[t]:
+            for e in idx[t].tolist():
+                outputs[e].append(expert_output(layer.experts, e, hidden[t]).detach().double())
+    scores = mone_scores(stats)[0]
+    for e, fs in outputs.items():
+        if not fs:
+            assert scores[e] == 0
+            continue
+        f = torch.stack(fs)
+        variance = (f - f.mean(0)).pow(2).sum(-1).mean()
+        torch.testing.assert_close(scores[e], len(fs) / mask.sum().double() * variance, rtol=1e-5, atol=1e-9)
