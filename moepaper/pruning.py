@@ -1,0 +1,668 @@
+"""Remove experts: choose which to keep, slice them out, or mask them out of routing.
+
+    select_experts(scores, ratio=...)  -> kept expert indices per MoE layer
+    prune_experts(model, keep)         slices the model in place; it saves as a normal checkpoint
+    mask_experts(model, keep)          context manager: the pruned model's logits, no weights copied
+    save_pruned(model, tok, path, ...) save_pretrained + ``moepaper_pruning.json`` (provenance)
+
+Decisions a reader of the results needs to know:
+
+Expert count in config.json. ``prune_experts`` sets every key of
+``architecture.expert_count_keys(config)`` to the new count; ``num_experts_per_tok`` (top-k)
+is unchanged. transformers v5 writes Qwen3-MoE's count only as ``num_local_experts``
+(``num_experts`` is an ``attribute_map`` alias), while the original Qwen3 checkpoints and
+the readers built for them (vLLM) read ``num_experts``. ``prune_experts`` therefore also
+puts ``num_experts`` into the config's instance ``__dict__``: ``to_dict()`` serialises
+``__dict__``, so any later ``save_pretrained`` writes both keys, while attribute reads keep
+going through the alias. Stock ``from_pretrained`` accepts a config.json with both keys
+(it maps ``num_experts`` onto ``num_local_experts``; the values are equal), so both readers
+work. Stock transformers drops the duplicate when it re-saves a model it loaded; ``save_pruned``
+puts it back and checks the written file.
+
+Group-limited routing (DeepSeek-V3, GLM-4-MoE, DeepSeek-V2 with ``group_limited_greedy``):
+the router reshapes its experts into ``n_group`` equal, contiguous groups, so every group
+must keep the same number of experts (and at least 2: V3 / GLM score a group by its two
+best experts; and enough that the ``topk_group`` chosen groups still hold top-k experts).
+``select_experts`` given the model removes the same number of lowest-scoring experts in
+each group; keep lists that break these rules are refused with the reason.
+
+Non-uniform per-layer counts (``scope="global"``): a transformers config holds one expert
+count for all layers, so a checkpoint with per-layer counts would not load with
+``AutoModelForCausalLM``. ``prune_experts`` refuses them; they are evaluated in memory with
+``mask_experts``, which accepts any per-layer count.
+
+Masking. While a masked router runs, a ``TorchFunctionMode`` sets the logits that
+``F.linear`` computes from the router's weight (and bias, gpt-oss) to -inf for removed
+experts, so softmax gives them probability 0, sigmoid gives 0, and no top-k picks them.
+Per-expert selection biases (DeepSeek-V3 / GLM ``e_score_correction_bias``, ERNIE's
+``moe_statics.e_score_correction_bias``) are set to -inf for removed experts while the
+context is open, because the router adds them after the logits; their exact values are
+restored on exit, also when the body raises. Weights are never copied or changed.
+The masked model's logits equal the pruned model's (bitwise on the tiny test models, fp32
+and bf16) for every family in ``architecture.SUPPORTED_FAMILIES``, PhiMoE's sparsemixer
+included: its threshold mask compares scores relative to the best one, and a -inf score
+stays masked whatever the threshold says. One exception, for masking and pruning alike:
+where a token's router logits tie exactly at the top-k boundary (seen in bf16), torch.topk
+breaks the tie differently on E and on E' experts, so the two may route that token to
+different (equally scored) experts.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from .architecture import MoELayer, UnsupportedModelError, expert_count_keys, find_moe_layers
+
+PROVENANCE_FILE = "moepaper_pruning.json"
+
+# Keys the family's original checkpoints use for the expert count, where transformers v5
+# writes another one (model_type -> keys to write as well).
+CHECKPOINT_COUNT_KEYS = {"qwen3_moe": ("num_experts",)}
+
+# Per-expert router tensors that are added to the scores after the logits (selection only).
+_SELECTION_BIASES = ("e_score_correction_bias",)
+
+Keep = Sequence[torch.Tensor | Sequence[int]]
+
+
+# --- checks shared by every entry point ------------------------------------------------------
+
+
+def _layer_names(layers: list[MoELayer]) -> str:
+    return f"decoder layers {[l.layer_index for l in layers]}"
+
+
+def _check_statistics(layers: list[MoELayer], statistics) -> None:
+    """Raise unless `statistics` (anything with `layers` and `num_experts`) belong to these MoE layers."""
+    if statistics is None:
+        return
+    from .statistics import StatisticsMismatchError
+
+    got_layers = [int(i) for i in statistics.layers]
+    want_layers = [l.layer_index for l in layers]
+    if got_layers != want_layers:
+        raise StatisticsMismatchError(
+            f"statistics cover {len(got_layers)} MoE layers at decoder layers {got_layers}, but the model has "
+            f"{len(want_layers)} MoE layers at decoder layers {want_layers}: statistics of another model?"
+        )
+    got_experts = [int(n) for n in statistics.num_experts]
+    want_experts = [l.num_experts for l in layers]
+    if got_experts != want_experts:
+        raise StatisticsMismatchError(
+            f"statistics have {got_experts} experts per MoE layer, but the model has {want_experts}: "
+            "statistics of another model, or of this model before it was pruned?"
+        )
+
+
+def _resolve_layers(model, layers) -> list[MoELayer] | None:
+    if layers is not None:
+        return list(layers)
+    if model is not None:
+        return find_moe_layers(model)
+    return None
+
+
+def _num_groups(layer: MoELayer) -> int:
+    """Groups the router's top-k is limited by; 1 when selection ignores groups."""
+    if getattr(layer.router, "topk_method", None) == "greedy":  # DeepSeek-V2 greedy ignores n_group
+        return 1
+    return max(1, int(layer.num_groups))
+
+
+def _check_groups(layer: MoELayer, kept: torch.Tensor, where: str) -> None:
+    groups = _num_groups(layer)
+    if groups == 1:
+        return
+    per_group = layer.num_experts // groups
+    counts = torch.bincount(kept // per_group, minlength=groups).tolist()
+    why = (
+        f"group-limited routing (n_group={groups}) reshapes the router's {layer.num_experts} experts into "
+        f"{groups} equal contiguous groups of {per_group}"
+    )
+    if len(set(counts)) != 1:
+        raise ValueError(
+            f"{where}: keeps {counts} experts per group; {why}, so every group must keep the same number "
+            "(select_experts(scores, model=model, ...) removes the same number per group)"
+        )
+    topk_group = int(getattr(layer.router, "topk_group", 1) or 1)
+    if counts[0] < 2:
+        raise ValueError(
+            f"{where}: keeps {counts[0]} expert per group; {why}, and DeepSeek-V3 / GLM score a group by "
+            "its two best experts, so every group must keep at least 2"
+        )
+    if counts[0] * topk_group < layer.top_k:
+        raise ValueError(
+            f"{where}: the {topk_group} selected group(s) would hold {counts[0] * topk_group} experts, "
+            f"fewer than top_k={layer.top_k}; {why}"
+        )
+
+
+def _normalise_keep(layers: list[MoELayer], keep: Keep) -> list[torch.Tensor]:
+    """Kept indices as sorted int64 CPU tensors, after checking them against `layers`."""
+    if len(keep) != len(layers):
+        raise ValueError(
+            f"keep has {len(keep)} entries but the model has {len(layers)} MoE layers ({_layer_names(layers)}): "
+            "one list of kept experts per MoE layer"
+        )
+    result = []
+    for position, (layer, kept) in enumerate(zip(layers, keep)):
+        where = f"keep[{position}] (decoder layer {layer.layer_index}, {layer.num_experts} experts)"
+        kept = torch.as_tensor(kept).detach().cpu()
+        if kept.dtype.is_floating_point or kept.dtype == torch.bool or kept.dim() != 1:
+            raise ValueError(f"{where}: expected a 1-D list of integer expert indices, got {kept.dtype} of shape {tuple(kept.shape)}")
+        kept = kept.long()
+        out_of_range = kept[(kept < 0) | (kept >= layer.num_experts)]
+        if out_of_range.numel():
+            raise ValueError(
+                f"{where}: expert indices {out_of_range.tolist()} are out of range: the layer has "
+                f"{layer.num_experts} experts (0..{layer.num_experts - 1})"
+            )
+        kept = torch.sort(kept).values
+        if kept.numel() != torch.unique(kept).numel():
+            raise ValueError(f"{where}: expert indices repeat: {kept.tolist()}")
+        if kept.numel() < layer.top_k:
+            raise ValueError(
+                f"{where}: keeps {kept.numel()} experts, fewer than top_k={layer.top_k}; every token needs "
+                f"top_k experts to route to"
+            )
+        _check_groups(layer, kept, where)
+        result.append(kept)
+    return result
+
+
+# --- choosing experts --------------------------------------------------------------------------
+
+
+def _num_removed(ratio: float, num_experts: int) -> int:
+    """round(ratio * num_experts), halves rounded up (0.25 of 64 -> 16, 0.5 of 9 -> 5)."""
+    return int(math.floor(ratio * num_experts + 0.5))
+
+
+def _as_rows(scores) -> list[torch.Tensor]:
+    if isinstance(scores, torch.Tensor):
+        if scores.dim() != 2:
+            raise ValueError(f"scores must be [num MoE layers, num experts] or a list of 1-D tensors; got shape {tuple(scores.shape)}")
+        rows = list(scores.detach().cpu())
+    else:
+        rows = [torch.as_tensor(s).detach().cpu() for s in scores]
+        for i, row in enumerate(rows):
+            if row.dim() != 1:
+                raise ValueError(f"scores[{i}] must be 1-D (one score per expert); got shape {tuple(row.shape)}")
+    if not rows:
+        raise ValueError("scores hold no MoE layer")
+    rows = [r.double() for r in rows]
+    for i, row in enumerate(rows):
+        if not torch.isfinite(row).all():
+            raise ValueError(f"scores[{i}] holds NaN or Inf: {row.tolist()}")
+    return rows
+
+
+def _descending(scores: torch.Tensor) -> torch.Tensor:
+    """Expert indices from best to worst; ties keep the lower index first."""
+    return torch.sort(scores, descending=True, stable=True).indices
+
+
+def select_experts(
+    scores,
+    *,
+    ratio: float | None = None,
+    num_prune: int | None = None,
+    scope: str = "layer",
+    top_k: int | None = None,
+    model: nn.Module | None = None,
+    layers: list[MoELayer] | None = None,
+    statistics=None,
+) -> list[torch.Tensor]:
+    """The experts to keep in each MoE layer, as sorted int64 index tensors.
+
+    scores: float [num MoE layers, num experts] (higher = more important), e.g.
+        ``expert_scores(stats, "man")``, or a list of 1-D tensors when layers differ in size.
+        A 2-D tensor zero-padded to the widest layer is cut to each layer's count when
+        `model` / `layers` / `statistics` give the counts.
+    ratio: fraction of experts removed, 0 < ratio < 1. ``scope="layer"``: round(ratio * E)
+        (halves up) in every layer. ``scope="global"``: round(ratio * total experts) in all.
+    num_prune: instead of ratio, experts removed per layer (``"layer"``) or in total (``"global"``).
+    scope: ``"layer"`` removes the same number of lowest-scoring experts in every layer (the
+        paper's setting); ties keep the lower index. On group-limited routers (n_group > 1,
+        known from `model` / `layers`) the same number is removed in each group.
+        ``"global"`` ranks all experts together after dividing each layer's scores by that
+        layer's mean score, so an expert is compared by its share of its own layer's typical
+        importance (criteria differ in scale across depth; a plain global sort would empty the
+        layers with small norms). It needs non-negative scores, never keeps fewer than top_k in
+        a layer, breaks ties by removing the higher expert index, then the later layer, first,
+        and is refused on group-limited routers. Its per-layer counts differ: evaluate it with
+        `mask_experts`, since `prune_experts` only saves uniform counts.
+    top_k / model / layers: top-k must be known to refuse pruning below it: from `layers`
+        (``find_moe_layers`` output), from `model`, from ``statistics.top_k``, or given here.
+    statistics: optional ``ExpertStatistics`` (``layers``, ``num_experts``) checked against the model.
+    """
+    if (ratio is None) == (num_prune is None):
+        raise ValueError("give exactly one of ratio= (fraction removed) and num_prune= (experts removed)")
+    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
+        raise ValueError(f"ratio={ratio!r} must satisfy 0 < ratio < 1 (the fraction of experts removed)")
+    if num_prune is not None and (isinstance(num_prune, bool) or not isinstance(num_prune, int) or num_prune < 1):
+        raise ValueError(f"num_prune={num_prune!r} must be a positive integer (experts removed)")
+    rows = _as_rows(scores)
+    moe = _resolve_layers(model, layers)
+    if moe is not None:
+        _check_statistics(moe, statistics)
+        if len(rows) != len(moe):
+            raise ValueError(
+                f"scores have {len(rows)} layers but the model has {len(moe)} MoE layers ({_layer_names(moe)})"
+            )
+        counts = [l.num_experts for l in moe]
+    elif statistics is not None:
+        counts = [int(n) for n in statistics.num_experts]
+        if len(rows) != len(counts):
+            raise ValueError(f"scores have {len(rows)} layers but the statistics have {len(counts)} MoE layers")
+    else:
+        counts = [r.numel() for r in rows]
+    for i, (row, count) in enumerate(zip(rows, counts)):
+        padded = row.numel() == max(counts) and bool((row[count:] == 0).all())
+        if row.numel() != count and not padded:
+            raise ValueError(f"scores[{i}] has {row.numel()} experts but MoE layer {i} has {count} experts")
+        rows[i] = row[:count]
+
+    # top-k per layer
+    known = [l.top_k for l in moe] if moe is not None else None
+    if known is None and statistics is not None and getattr(statistics, "top_k", None) is not None:
+        known = [int(k) for k in statistics.top_k] if not isinstance(statistics.top_k, int) else [statistics.top_k] * len(rows)
+    if top_k is not None:
+        if known is not None and any(k != top_k for k in known):
+            raise ValueError(f"top_k={top_k} disagrees with the model's top-k {known}")
+        known = [int(top_k)] * len(rows)
+    if known is None:
+        raise ValueError(
+            "top_k is unknown, so pruning below it cannot be refused: pass model=, layers= (find_moe_layers) or top_k="
+        )
+    top_ks = known
+    groups = [_num_groups(l) for l in moe] if moe is not None else [1] * len(rows)
+
+
+    if scope == "layer":
+        keep = []
+        for i, row in enumerate(rows):
+            E, k, G = row.numel(), top_ks[i], groups[i]
+            removed = num_prune if num_prune is not None else _num_removed(ratio, E)
+            if removed < 1:
+                raise ValueError(f"ratio={ratio} of {E} experts removes no expert (round({ratio} x {E}) = 0)")
+            if E - removed < k:
+                raise ValueError(
+                    f"removing {removed} of {E} experts in MoE layer {i} leaves {E - removed}, fewer than top_k={k}"
+                )
+            if removed % G:
+                raise ValueError(
+                    f"removing {removed} of {E} experts in MoE layer {i}: its router is group-limited "
+                    f"(n_group={G}) and needs the same number removed from each of its {G} groups; "
+                    f"choose a count divisible by {G}"
+                )
+            per_group = E // G
+            kept = []
+            for g in range(G):
+                group = row[g * per_group : (g + 1) * per_group]
+                kept.append(_descending(group)[: per_group - removed // G] + g * per_group)
+            kept = torch.sort(torch.cat(kept)).values
+            if moe is not None:
+                _check_groups(moe[i], kept, f"MoE layer {i} (decoder layer {moe[i].layer_index})")
+            keep.append(kept)
+        return keep
+
+    if scope != "global":
+        raise ValueError(f"scope={scope!r}: expected 'layer' or 'global'")
+    if any(g > 1 for g in groups):
+        raise ValueError(
+            "scope='global' is refused on group-limited routers (n_group > 1): it gives each group its own "
+            "count, and the router needs equal groups; use scope='layer'"
+        )
+    total = sum(r.numel() for r in rows)
+    removed = num_prune if num_prune is not None else _num_removed(ratio, total)
+    removable = sum(r.numel() - k for r, k in zip(rows, top_ks))
+    if removed < 1:
+        raise ValueError(f"ratio={ratio} of {total} experts removes no expert")
+    if removed > removable:
+        raise ValueError(
+            f"removing {removed} of {total} experts globally would leave some layer with fewer than top_k experts "
+            f"(at most {removable} can go while every layer keeps its top_k)"
+        )
+    candidates = []
+    for i, row in enumerate(rows):
+        if (row < 0).any():
+            raise ValueError(f"scope='global' needs non-negative scores (it divides by each layer's mean); scores[{i}] has negatives")
+        mean = row.mean()
+        normalised = row / mean if mean > 0 else torch.zeros_like(row)
+        candidates += [(float(s), -j, -i) for j, s in enumerate(normalised)]
+    candidates.sort()
+    left = [r.numel() for r in rows]
+    gone: list[set[int]] = [set() for _ in rows]
+    for _, neg_j, neg_i in candidates:
+        if removed == 0:
+            break
+        i, j = -neg_i, -neg_j
+        if left[i] > top_ks[i]:
+            gone[i].add(j)
+            left[i] -= 1
+            removed -= 1
+    return [torch.tensor([j for j in range(r.numel()) if j not in g], dtype=torch.long) for r, g in zip(rows, gone)]
+
+
+# --- structural pruning -----------------------------------------------------------------------
+
+
+def _masked_routers(layers: list[MoELayer]) -> list[int]:
+    return [l.layer_index for l in layers if getattr(l.router.__dict__.get("forward"), "_moepaper_mask", False)]
+
+
+def _all_layers(model: nn.Module, layers) -> list[MoELayer]:
+    found = find_moe_layers(model)
+    if layers is None:
+        return found
+    layers = list(layers)
+    if [id(l.block) for l in layers] != [id(l.block) for l in found]:
+        raise ValueError(
+            f"layers= must be every MoE layer of the model ({_layer_names(found)}), got {_layer_names(layers)}: "
+            "the config holds one expert count for all of them"
+        )
+    return layers
+
+
+def write_checkpoint_count_keys(config) -> None:
+    """Make `config.to_dict()` (and so config.json) carry the keys the family's original checkpoints use.
+
+    Qwen3-MoE: ``num_experts`` is an attribute_map alias of ``num_local_experts``, so setting it
+    as an attribute only changes ``num_local_experts``; writing it into the instance ``__dict__``
+    makes ``to_dict()`` serialise it too, while attribute reads keep following the alias.
+    """
+    for key in CHECKPOINT_COUNT_KEYS.get(getattr(config, "model_type", None), ()):
+        config.__dict__[key] = getattr(config, key)
+
+
+def _replace(module: nn.Module, attr: str, new: torch.Tensor) -> None:
+    """Put `new` where `module.attr` was, as a Parameter (same requires_grad) or as a buffer."""
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        module._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+    elif attr in module._buffers:
+        module._buffers[attr] = new  # keeps the buffer's persistence
+    else:
+        raise UnsupportedModelError(f"{type(module).__name__}.{attr} is neither a parameter nor a buffer")
+
+
+def prune_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None = None, statistics=None) -> nn.Module:
+    """Remove every expert not in `keep` from `model`, in place; returns `model`.
+
+    keep: one list (or int tensor) of kept expert indices per MoE layer, as from
+        `select_experts`. Kept experts take the new indices 0..E'-1 in ascending order.
+        Every layer must keep the same number (see the module docstring), at least top_k,
+        and on group-limited routers the same number per group.
+    layers: ``find_moe_layers(model)``, if already computed (its entries are updated).
+    statistics: optional ``ExpertStatistics``, checked against the model before anything changes.
+
+    Slices every per-expert tensor the architecture layer found (expert weights and biases,
+    router rows, router bias, selection-correction biases) along its expert dim, keeping
+    parameters as parameters (with their requires_grad) and buffers as buffers; updates the
+    modules' expert counts and every expert-count key of the config (top-k unchanged), so
+    ``save_pretrained`` writes a checkpoint that stock ``from_pretrained`` loads.
+    """
+    layers = _all_layers(model, layers)
+    masked = _masked_routers(layers)
+    if masked:
+        raise RuntimeError(f"cannot prune inside mask_experts (decoder layers {masked} are masked); leave the context first")
+    _check_statistics(layers, statistics)
+    keep = _normalise_keep(layers, keep)
+    counts = sorted({k.numel() for k in keep})
+    if len(counts) > 1:
+        raise ValueError(
+            f"keep has different counts per layer {[k.numel() for k in keep]}: a transformers config holds one "
+            "expert count for every layer, so such a checkpoint would not load with AutoModelForCausalLM; "
+            "evaluate non-uniform selections in memory with mask_experts(model, keep)"
+        )
+    new_count = counts[0]
+    old_counts = {l.num_experts for l in layers}
+    config = model.config
+    config_keys = expert_count_keys(config)
+
+    with torch.no_grad():
+        for layer, kept in zip(layers, keep):
+            for t in layer.per_expert_tensors:
+                old = t.tensor
+                _replace(t.module, t.attr, old.index_select(t.dim, kept.to(old.device)).contiguous())
+            for module, attr in layer.count_attributes:
+                setattr(module, attr, new_count)
+            if isinstance(layer.router, nn.Linear):  # PhiMoE's router
+                layer.router.out_features = new_count
+            layer.num_experts = new_count
+
+    # the aux-loss count the *ForCausalLM keeps (self.num_experts = config.num_experts)
+    blocks = {id(m) for l in layers for m in l.block.modules()}
+    for module in model.modules():
+        if id(module) not in blocks and getattr(module, "num_experts", None) in old_counts:
+            module.num_experts = new_count
+    for key in config_keys:
+        setattr(config, key, new_count)
+    write_checkpoint_count_keys(config)
+
+    after = [l.num_experts for l in find_moe_layers(model)]
+    if after != [new_count] * len(layers):
+        raise RuntimeError(f"pruning left MoE layers with {after} experts, expected {new_count} each")
+    return model
+
+
+# --- masking ---------------------------------------------------------------------------------
+
+
+class _MaskRouterLogits(TorchFunctionMode):
+    """Sets removed experts' logits to -inf in the `F.linear` that computes the router's logits."""
+
+    def __init__(self, weight_shape: tuple[int, ...], removed: torch.Tensor):
+        super().__init__()
+        self.weight_shape = weight_shape
+        self.removed = removed  # (E,) bool
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if weight is not None and tuple(weight.shape) == self.weight_shape:
+                self.calls += 1
+                out = out.masked_fill(self.removed.to(out.device), float("-inf"))  # (T, E)
+        return out
+
+
+def _masked_forward(router: nn.Module, forward, removed: torch.Tensor, where: str):
+    weight_shape = tuple(router.weight.shape)
+
+    @functools.wraps(forward)
+    def masked(*args, **kwargs):
+        mode = _MaskRouterLogits(weight_shape, removed)
+        with mode:
+            out = forward(*args, **kwargs)
+        if mode.calls != 1:
+            raise UnsupportedModelError(
+                f"mask_experts: the router of {where} ({type(router).__name__}) computed its logits in "
+                f"{mode.calls} F.linear calls with its weight, expected 1; this router cannot be masked"
+            )
+        return out
+
+    masked._moepaper_mask = True
+    return masked
+
+
+@contextmanager
+def mask_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None = None, statistics=None):
+    """Take the experts not in `keep` out of routing while the context is open.
+
+    The model computes what ``prune_experts(model, keep)`` would make it compute (same logits
+    up to float rounding) without copying or slicing any weight, so many selections can be
+    evaluated on one loaded model; per-layer counts may differ (``scope="global"``). Inside,
+    removed experts' logits are -inf and their selection-correction biases are -inf (the
+    only tensors touched, in place); on exit the router forwards and the biases' exact values
+    come back, whether or not the body raised. ``router_logits`` returned by the model (for
+    aux losses) hold -inf for removed experts while masked.
+    """
+    layers = _resolve_layers(model, layers)
+    _check_statistics(layers, statistics)
+    keep = _normalise_keep(layers, keep)
+    # refuse unknown per-expert router tensors before anything changes
+    for layer in layers:
+        for t in layer.router_tensors + layer.block_tensors:
+            known = (t.module is layer.router and t.attr in ("weight", "bias")) or t.attr in _SELECTION_BIASES
+            if not known:
+                raise UnsupportedModelError(f"mask_experts: does not know how {t.path} enters routing")
+
+    restore: list = []
+    try:
+        for layer, kept in zip(layers, keep):
+            removed = torch.ones(layer.num_experts, dtype=torch.bool)
+            removed[kept] = False
+            if not removed.any():
+                continue
+            with torch.no_grad():
+                for t in layer.router_tensors + layer.block_tensors:
+                    if t.attr not in _SELECTION_BIASES:
+                        continue
+                    tensor = t.tensor
+                    index = removed.nonzero().flatten().to(tensor.device)
+                    original = tensor.index_select(t.dim, index).clone()
+                    restore.append(functools.partial(_restore_entries, tensor, t.dim, index, original))
+                    tensor.index_fill_(t.dim, index, float("-inf"))
+            router = layer.router
+            previous = router.__dict__.get("forward")
+            router.forward = _masked_forward(router, router.forward, removed, f"decoder layer {layer.layer_index}")
+            restore.append(functools.partial(_restore_forward, router, previous))
+        yield model
+    finally:
+        for undo in reversed(restore):
+            undo()
+
+
+def _restore_entries(tensor: torch.Tensor, dim: int, index: torch.Tensor, original: torch.Tensor) -> None:
+    with torch.no_grad():
+        tensor.index_copy_(dim, index, original)
+
+
+def _restore_forward(router: nn.Module, previous) -> None:
+    if previous is None:
+        del router.forward
+    else:
+        router.forward = previous
+
+
+# --- saving ----------------------------------------------------------------------------------
+
+
+def statistics_hash(path: str | Path) -> str:
+    """sha256 of a statistics file (or of every file under a folder, by relative path)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _criterion_record(criterion) -> dict | None:
+    if criterion is None:
+        return None
+    if hasattr(criterion, "b") and hasattr(criterion, "alpha") and hasattr(criterion, "beta"):
+        return {"name": getattr(criterion, "name", None), "b": criterion.b, "alpha": criterion.alpha, "beta": criterion.beta}
+    if isinstance(criterion, str):
+        try:
+            from .criteria import get_criterion
+
+            c = get_criterion(criterion)
+            return {"name": criterion, "b": c.b, "alpha": c.alpha, "beta": c.beta}
+        except (ImportError, ValueError):  # outside the family (e.g. "mone"): the name alone
+            return {"name": criterion, "b": None, "alpha": None, "beta": None}
+    b, alpha, beta = criterion
+    return {"name": f"S({b},{alpha},{beta})", "b": b, "alpha": alpha, "beta": beta}
+
+
+def save_pruned(
+    model: nn.Module,
+    tokenizer,
+    path: str | Path,
+    *,
+    keep: Keep,
+    criterion=None,
+    ratio: float | None = None,
+    num_prune: int | None = None,
+    scope: str | None = "layer",
+    statistics_file: str | Path | None = None,
+    num_experts_before: int | None = None,
+    extra: dict | None = None,
+    **save_kwargs,
+) -> Path:
+    """``save_pretrained`` a model pruned with ``prune_experts(model, keep)``, plus its provenance.
+
+    Writes the checkpoint (and `tokenizer`, unless None) to `path`, and beside it
+    ``moepaper_pruning.json``: criterion name and (b, alpha, beta) (a ``Criterion``, a name,
+    or a point), ratio / num_prune, scope, the kept original expert indices per decoder layer,
+    the sha256 of `statistics_file`, moepaper / transformers / torch versions, and `extra`.
+    Checks that `keep` matches the pruned model and that config.json carries the family's
+    checkpoint expert-count keys (Qwen3-MoE: ``num_experts`` and ``num_local_experts``).
+    """
+    from . import __version__
+    import transformers
+
+    path = Path(path)
+    layers = find_moe_layers(model)
+    if len(keep) != len(layers):
+        raise ValueError(f"keep has {len(keep)} entries but the model has {len(layers)} MoE layers ({_layer_names(layers)})")
+    kept = [torch.as_tensor(k).long().sort().values.tolist() for k in keep]
+    for layer, k in zip(layers, kept):
+        if len(k) != layer.num_experts:
+            raise ValueError(
+                f"keep lists {len(k)} experts for decoder layer {layer.layer_index} but the model has "
+                f"{layer.num_experts} there: call prune_experts(model, keep) before save_pruned"
+            )
+    write_checkpoint_count_keys(model.config)
+    model.save_pretrained(path, **save_kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+    written = json.loads((path / "config.json").read_text())
+    count = layers[0].num_experts
+    wanted = list(expert_count_keys(model.config)[:1]) + list(CHECKPOINT_COUNT_KEYS.get(model.config.model_type, ()))
+    wrong = {k: written.get(k) for k in wanted if written.get(k) != count}
+    if wrong:
+        raise RuntimeError(f"config.json written to {path} has expert counts {wrong}, expected {count}")
+
+    record = {
+        "moepaper_version": __version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "model_class": type(model).__name__,
+        "model_type": model.config.model_type,
+        "base_model": getattr(model.config, "_name_or_path", None) or None,
+        "criterion": _criterion_record(criterion),
+        "ratio": ratio,
+        "num_prune": num_prune,
+        "scope": scope,
+        "num_experts_before": num_experts_before,
+        "num_experts_after": count,
+        "top_k": layers[0].top_k,
+        "kept": [{"layer": l.layer_index, "experts": k} for l, k in zip(layers, kept)],
+        "statistics": None
+        if statistics_file is None
+        else {"file": str(statistics_file), "sha256": statistics_hash(statistics_file)},
+        "extra": extra or {},
+    }
+    (path / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
