@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from .architecture import MoELayer, UnsupportedModelError, find_moe_layers
 from .statistics import ExpertStatistics, NonFiniteActivationError, StatisticsMismatchError, collect_statistics
 from .criteria import CRITERIA, Criterion, criterion_grid, expert_scores, mone_scores
+from .pruning import mask_experts, prune_experts, save_pruned, select_experts
 
 __all__ = [
     "MoELayer",
@@ -24,5 +25,9 @@ __all__ = [
     "criterion_grid",
     "expert_scores",
     "mone_scores",
+    "select_experts",
+    "prune_experts",
+    "mask_experts",
+    "save_pruned",
     "__version__",
 ]
