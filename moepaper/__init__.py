@@ -11,6 +11,10 @@ from .architecture import MoELayer, UnsupportedModelError, find_moe_layers
 from .statistics import ExpertStatistics, NonFiniteActivationError, StatisticsMismatchError, collect_statistics
 from .criteria import CRITERIA, Criterion, criterion_grid, expert_scores, mone_scores
 from .pruning import mask_experts, prune_experts, save_pruned, select_experts
+from .calibration import CalibrationDataUnavailable, calibration_batches
+from .evaluation import evaluate, get_suite
+from .results import sweep
+from .reporting import load_results, rank_table, results_table
 
 __all__ = [
     "MoELayer",
@@ -29,5 +33,13 @@ __all__ = [
     "prune_experts",
     "mask_experts",
     "save_pruned",
+    "CalibrationDataUnavailable",
+    "calibration_batches",
+    "evaluate",
+    "get_suite",
+    "sweep",
+    "load_results",
+    "rank_table",
+    "results_table",
     "__version__",
 ]

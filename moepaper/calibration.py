@@ -1,0 +1,267 @@
+"""Calibration data: the paper's three sources, and the embedded corpus offline.
+
+`calibration_batches(source, tokenizer, n_sequences=..., seq_len=..., seed=...)` yields
+batches of packed token sequences ({"input_ids", "attention_mask"}, [B, T]) for
+`moepaper.collect_statistics`. Documents are shuffled with `seed`, tokenised, joined
+with the end-of-sequence token and cut into windows of exactly `seq_len` tokens, so
+every token is real text (no padding) and the sequence count is exact.
+
+Sources (`SOURCES` below is the one table of ids, splits and fields):
+- ``"c4"``: English C4 (task-agnostic calibration of the paper), plain text.
+- ``"code"``: evol-codealpaca (task-specific, code), instruction / output pairs.
+- ``"math"``: Tulu-3 SFT personas-math (task-specific, math), chat messages.
+  Chat-style samples are formatted with the tokenizer's chat template when it has one,
+  else as the turns' texts separated by blank lines.
+- ``"embedded:literature"``, ``"embedded:code"``, ``"embedded:math"``: the calibration
+  split of one domain of the embedded corpus (`moepaper.corpus`), offline.
+- ``"embedded:mixed"``: the three embedded domains interleaved document by document in
+  equal shares: the task-agnostic calibration set of the embedded model.
+
+The hub sources are streamed through `datasets` when online. Offline (``HF_HUB_OFFLINE``
+or ``HF_DATASETS_OFFLINE`` set) they are read from the local `datasets` cache; when they
+are not there, or when the hub cannot be reached, `CalibrationDataUnavailable` says within
+a couple of seconds what to download and how.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import torch
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """One calibration dataset on the Hugging Face hub.
+
+    Fields
+    ------
+    path: dataset id.
+    name: dataset config (subset), or None.
+    split: split to read.
+    data_files: files to read instead of the whole dataset (C4: one shard of 1024), or None.
+    text_field: field holding plain text (C4), or None for chat-style records.
+    messages_field: field holding a list of ``{"role", "content"}`` turns, or None.
+    prompt_field / response_field: fields of a single-turn instruction / answer pair.
+    role: what the paper uses it for.
+    """
+
+    path: str
+    name: str | None
+    split: str
+    data_files: str | None = None
+    text_field: str | None = None
+    messages_field: str | None = None
+    prompt_field: str | None = None
+    response_field: str | None = None
+    role: str = ""
+
+    @property
+    def chat(self) -> bool:
+        return self.text_field is None
+
+
+SOURCES: dict[str, HubSource] = {
+    "c4": HubSource(
+        "allenai/c4", None, "train", data_files="en/c4-train.00000-of-01024.json.gz", text_field="text",
+        role="task-agnostic calibration (English web text)",
+    ),
+    "code": HubSource(
+        "theblackcat102/evol-codealpaca-v1", None, "train", prompt_field="instruction", response_field="output",
+        role="task-specific calibration (code)",
+    ),
+    "math": HubSource(
+        "allenai/tulu-3-sft-personas-math", None, "train", messages_field="messages",
+        role="task-specific calibration (math)",
+    ),
+}
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_SOURCES = ("embedded:mixed", "embedded:literature", "embedded:code", "embedded:math")
+
+# Documents kept in the shuffle buffer when streaming a hub source.
+SHUFFLE_BUFFER = 10_000
+
+
+class CalibrationDataUnavailable(RuntimeError):
+    """A calibration source cannot be read here (offline, not cached, or hub unreachable)."""
+
+
+def available_sources() -> list[str]:
+    return list(SOURCES) + list(EMBEDDED_SOURCES)
+
+
+# ---------------------------------------------------------------- documents
+
+
+def _offline() -> bool:
+    truthy = {"1", "true", "yes", "on"}
+    return any(os.environ.get(k, "").strip().lower() in truthy for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _download_hint(key: str, source: HubSource) -> str:
+    files = f", data_files={source.data_files!r}" if source.data_files else ""
+    name = f", name={source.name!r}" if source.name else ""
+    include = f" --include {source.data_files!r}" if source.data_files else ""
+    return (
+        f"calibration source {key!r} ({source.path}{', ' + source.data_files if source.data_files else ''}, "
+        f"split {source.split!r}) is not available here. On a machine with network, cache it with\n"
+        f"  python -c \"from datasets import load_dataset; load_dataset({source.path!r}{name}{files}, split={source.split!r})\"\n"
+        f"(or `hf download {source.path} --repo-type dataset{include}`), copy ~/.cache/huggingface to this "
+        f"machine and run with HF_DATASETS_OFFLINE=1; or calibrate offline on the embedded corpus: "
+        f"{', '.join(EMBEDDED_SOURCES)}."
+    )
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    port = urlparse(endpoint).port or 443
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_documents(key: str, seed: int) -> Iterator[dict]:
+    """Records of a hub source, shuffled with `seed`."""
+    source = SOURCES[key]
+    offline = _offline()
+    if not offline and not _hub_reachable():
+        raise CalibrationDataUnavailable(_download_hint(key, source) + "\n(the hub did not answer within 2 s)")
+    from datasets import load_dataset
+
+    kwargs = dict(name=source.name, split=source.split)
+    if source.data_files:
+        kwargs["data_files"] = {source.split: source.data_files}
+    try:
+        if offline:  # only a cached (non-streaming) copy can be read offline
+            dataset = load_dataset(source.path, **kwargs).shuffle(seed=seed)
+        else:
+            dataset = load_dataset(source.path, streaming=True, **kwargs).shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+    except Exception as error:  # datasets raises ConnectionError / FileNotFoundError / ValueError offline
+        raise CalibrationDataUnavailable(f"{_download_hint(key, source)}\n(datasets said: {error})") from error
+    yield from dataset
+
+
+def _embedded_documents(key: str, seed: int) -> Iterator[str]:
+    """Calibration-split documents of the embedded corpus, shuffled; "mixed" interleaves domains."""
+    from .corpus import DOMAINS, read_split
+
+    domain = key[len(EMBEDDED_PREFIX):]
+    if domain != "mixed" and domain not in DOMAINS:
+        raise ValueError(f"unknown embedded calibration source {key!r}; known: {', '.join(EMBEDDED_SOURCES)}")
+    domains = DOMAINS if domain == "mixed" else (domain,)
+    per_domain = []
+    for d in domains:
+        documents = read_split(d, "calibration")
+        random.Random(f"{seed}-{d}").shuffle(documents)
+        per_domain.append(documents)
+    # round-robin: equal shares of documents from each domain while all last
+    for i in range(max(len(docs) for docs in per_domain)):
+        for docs in per_domain:
+            if i < len(docs):
+                yield docs[i]
+
+
+def format_record(record: dict, source: HubSource, tokenizer) -> str:
+    """One record as text: plain text, or chat turns through the tokenizer's chat template."""
+    if source.text_field is not None:
+        return record[source.text_field]
+    if source.messages_field is not None:
+        messages = [{"role": m["role"], "content": m["content"]} for m in record[source.messages_field]]
+    else:
+        messages = [
+            {"role": "user", "content": record[source.prompt_field]},
+            {"role": "assistant", "content": record[source.response_field]},
+        ]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "\n\n".join(m["content"] for m in messages)
+
+
+def calibration_texts(source: str, tokenizer=None, *, seed: int = 0) -> Iterator[str]:
+    """The documents of `source` as text, in a seeded random order (chat records formatted)."""
+    if source.startswith(EMBEDDED_PREFIX):
+        yield from _embedded_documents(source, seed)
+        return
+    if source not in SOURCES:
+        raise ValueError(f"unknown calibration source {source!r}; known: {', '.join(available_sources())}")
+    hub = SOURCES[source]
+    for record in _hub_documents(source, seed):
+        yield format_record(record, hub, tokenizer)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def calibration_sequences(source: str, tokenizer, *, n_sequences: int, seq_len: int, seed: int = 0, strict: bool = True) -> torch.Tensor:
+    """`n_sequences` packed windows of `seq_len` tokens of `source`, int64 ``[n_sequences, seq_len]``.
+
+    Documents (shuffled with `seed`) are tokenised without special tokens, each followed by
+    the tokenizer's end-of-sequence token (chat-formatted text keeps what its template adds),
+    concatenated, and cut into consecutive windows. If the source runs out first: raises
+    ValueError when `strict`, else returns the windows it could fill.
+    """
+    if n_sequences < 1 or seq_len < 1:
+        raise ValueError("n_sequences and seq_len must be positive")
+    eos = tokenizer.eos_token_id
+    chat = source in SOURCES and SOURCES[source].chat and bool(getattr(tokenizer, "chat_template", None))
+    sequences = torch.empty(n_sequences, seq_len, dtype=torch.long)
+    buffer: list[int] = []
+    produced = 0
+    for text in calibration_texts(source, tokenizer, seed=seed):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        buffer.extend(ids + [eos] if eos is not None and not chat else ids)
+        while len(buffer) >= seq_len and produced < n_sequences:
+            sequences[produced] = torch.tensor(buffer[:seq_len])
+            del buffer[:seq_len]
+            produced += 1
+        if produced == n_sequences:
+            break
+    if produced < n_sequences:
+        if strict:
+            raise ValueError(
+                f"calibration source {source!r} holds only {produced} sequences of {seq_len} tokens, "
+                f"fewer than n_sequences={n_sequences}; lower n_sequences or seq_len, or pass strict=False"
+            )
+        sequences = sequences[:produced]
+    return sequences
+
+
+def calibration_batches(
+    source: str,
+    tokenizer,
+    *,
+    n_sequences: int,
+    seq_len: int,
+    seed: int = 0,
+    batch_size: int = 8,
+    strict: bool = True,
+) -> Iterator[dict]:
+    """Packed calibration sequences of `source` (see `calibration_sequences`), `batch_size` at a time.
+
+    Yields dicts with ``input_ids`` and ``attention_mask`` (all ones: packed windows hold no
+    padding), both ``[B, seq_len]`` int64, ready for `collect_statistics`. All sequences are
+    read before the first batch is yielded, so a short or missing source fails before any
+    model work. Hub sources that cannot be read raise `CalibrationDataUnavailable`
+    (offline: within about 2 s, naming what to download and how).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be positive")
+    sequences = calibration_sequences(source, tokenizer, n_sequences=n_sequences, seq_len=seq_len, seed=seed, strict=strict)
+    for start in range(0, sequences.shape[0], batch_size):
+        input_ids = sequences[start : start + batch_size]  # (B, T)
+        yield {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def calibration_description(source: str, *, n_sequences: int, seq_len: int, seed: int) -> str:
+    """A one-line description for `collect_statistics(calibration=...)` and result provenance."""
+    where = SOURCES[source].path if source in SOURCES else "moepaper embedded corpus, calibration split"
+    return f"{source} ({where}): {n_sequences} x {seq_len} tokens, seed {seed}"

@@ -1,0 +1,376 @@
+"""Evaluate a model (masked, pruned or whole) with lm-eval, suite by suite.
+
+`evaluate(model, tokenizer, "paper" | "local" | "smoke")` wraps lm-eval's HF backend
+(`HFLM`) around the in-memory model, so a model inside `mask_experts` is evaluated as the
+pruned model it stands for, and returns one tidy row per benchmark.
+
+Suites
+------
+- ``paper``: the 16 benchmarks of the paper (`PAPER_BENCHMARKS`). The 14 that lm-eval
+  provides run zero-shot with greedy decoding and at most 2048 new tokens. HumanEval(+)
+  and MBPP(+) execute model-written code and run only with ``allow_code_execution=True``
+  (which sets ``HF_ALLOW_CODE_EVAL=1`` and lm-eval's ``confirm_run_unsafe_code``); without
+  it they are reported with status "not run". LiveCodeBench and WildBench are not in
+  lm-eval: they are reported as "not run", each naming the harness to run instead.
+  The paper suite needs the hub datasets (run online once, or with a filled cache).
+- ``local``: the offline suite built from the embedded corpus's test split
+  (`moepaper.tasks`), the suite the embedded model is evaluated on.
+- ``smoke``: the local suite with `SMOKE_LIMIT` items per task, for tests.
+
+Backends
+--------
+``backend="hf"`` (default) evaluates the given in-memory model. ``backend="vllm"`` uses
+lm-eval's vLLM backend for large models on GPUs: vLLM loads weights itself, so `model`
+must then be a path to a saved checkpoint (``prune_experts`` + ``save_pruned``), and
+``model_args`` is passed on (e.g. ``{"tensor_parallel_size": 2, "gpu_memory_utilization": 0.85}``).
+vLLM is not installed here and that path is not tested on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+# Paper settings [reported: zero-shot, greedy; 2048 new tokens our reading of "max 2048"].
+PAPER_NUM_FEWSHOT = 0
+PAPER_GEN_KWARGS = {"max_gen_toks": 2048, "do_sample": False}
+SMOKE_LIMIT = 4
+DEFAULT_BATCH_SIZE = 8
+
+NOT_RUN = "not run"
+OK = "ok"
+
+RESULT_COLUMNS = [
+    "benchmark", "label", "task", "metric", "value", "stderr", "higher_is_better", "n", "status", "note", "suite",
+]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark of a suite.
+
+    Fields
+    ------
+    name: short identifier, used in result file names (``arc_challenge``).
+    label: display name in tables (``ARC-C``).
+    task: the lm-eval task (or group) name; None when lm-eval does not provide it.
+    metric: the lm-eval results key reported (``"acc_norm,none"``); None: the task's first
+        metric (see `primary_metric`).
+    code_execution: scoring runs model-written code (needs ``allow_code_execution=True``).
+    harness: for benchmarks lm-eval lacks, what to run instead.
+    domain: what the benchmark measures (``"knowledge"``, ``"code"``, ``"math"``, ...).
+    higher_is_better: None: taken from lm-eval's result.
+    """
+
+    name: str
+    label: str
+    task: str | None
+    metric: str | None = None
+    code_execution: bool = False
+    harness: str = ""
+    domain: str = ""
+    higher_is_better: bool | None = None
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named list of benchmarks with the lm-eval settings they run under.
+
+    include_path: extra lm-eval task folder(s) (the local suite's YAML files), or None.
+    include_defaults: index lm-eval's built-in tasks too (about 6 s; the paper suite needs them).
+    num_fewshot: overrides every task's few-shot count; None keeps each task's own.
+    gen_kwargs: merged into every generative task's generation settings; None keeps them.
+    limit: items per task (None: all), unless `evaluate(limit=...)` says otherwise.
+    """
+
+    name: str
+    benchmarks: tuple[Benchmark, ...]
+    include_path: tuple[str, ...] | None = None
+    include_defaults: bool = True
+    num_fewshot: int | None = None
+    gen_kwargs: dict | None = field(default=None, hash=False, compare=False)
+    limit: int | None = None
+
+    def benchmark(self, name: str) -> Benchmark:
+        for b in self.benchmarks:
+            if b.name == name:
+                return b
+        raise KeyError(f"suite {self.name!r} has no benchmark {name!r}; it has {[b.name for b in self.benchmarks]}")
+
+
+# The 16 benchmarks of the paper, in its order. Metrics [our choice]: length-normalised
+# accuracy where lm-eval offers it; GSM8K's flexible extraction (zero-shot answers rarely
+# use the "####" format the strict filter wants); MATH-500 scored by math-verify
+# (`pip install "lm-eval[math]"`).
+PAPER_BENCHMARKS: tuple[Benchmark, ...] = (
+    Benchmark("arc_challenge", "ARC-C", "arc_challenge", "acc_norm,none", domain="knowledge"),
+    Benchmark("arc_easy", "ARC-E", "arc_easy", "acc_norm,none", domain="knowledge"),
+    Benchmark("boolq", "BoolQ", "boolq", "acc,none", domain="knowledge"),
+    Benchmark("hellaswag", "HellaSwag", "hellaswag", "acc_norm,none", domain="commonsense"),
+    Benchmark("mmlu", "MMLU", "mmlu", "acc,none", domain="knowledge"),
+    Benchmark("openbookqa", "OBQA", "openbookqa", "acc_norm,none", domain="knowledge"),
+    Benchmark("rte", "RTE", "rte", "acc,none", domain="language"),
+    Benchmark("winogrande", "WinoGrande", "winogrande", "acc,none", domain="commonsense"),
+    Benchmark("humaneval", "HumanEval", "humaneval", "pass@1,create_test", code_execution=True, domain="code"),
+    Benchmark("humaneval_plus", "HumanEval+", "humaneval_plus", "pass@1,create_test", code_execution=True, domain="code"),
+    Benchmark("mbpp", "MBPP", "mbpp", "pass_at_1,none", code_execution=True, domain="code"),
+    Benchmark("mbpp_plus", "MBPP+", "mbpp_plus", "pass_at_1,none", code_execution=True, domain="code"),
+    Benchmark(
+        "livecodebench", "LiveCodeBench", None, domain="code",
+        harness="LiveCodeBench's own runner (github.com/LiveCodeBench/LiveCodeBench, `python -m lcb_runner.runner.main "
+        "--model <saved pruned checkpoint> --scenario codegeneration --evaluate`) or evalscope's live_code_bench",
+    ),
+    Benchmark("gsm8k", "GSM8K", "gsm8k", "exact_match,flexible-extract", domain="math"),
+    Benchmark("math500", "MATH-500", "minerva_math500", "math_verify,none", domain="math"),
+    Benchmark(
+        "wildbench", "WildBench", None, domain="chat",
+        harness="WildBench's own pipeline (github.com/allenai/WildBench: generate with the saved pruned checkpoint, "
+        "then WB-Score with an LLM judge, e.g. GPT-4o), which needs an API judge",
+    ),
+)
+
+
+def _local_benchmarks() -> tuple[tuple[Benchmark, ...], tuple[str, ...]]:
+    try:
+        from . import tasks
+    except ImportError as error:  # the embedded suite is built by moepaper.tasks
+        raise RuntimeError(f"the local suite needs moepaper.tasks (the embedded lm-eval tasks): {error}") from error
+    benchmarks = []
+    for task in tasks.LOCAL_TASKS:
+        name = task.removeprefix("moepaper_local_")  # e.g. "code_ppl"
+        domain = next((d for d in tasks.DOMAINS if name.startswith(d)), "")
+        if task in tasks.PPL_TASKS:  # held-out text: bits per byte, lower is better
+            benchmarks.append(Benchmark(name, f"{domain.capitalize()} bpb", task, "bits_per_byte,none", domain=domain,
+                                        higher_is_better=False))
+        else:  # four-way multiple choice: accuracy
+            benchmarks.append(Benchmark(name, f"{domain.capitalize()} acc", task, "acc,none", domain=domain,
+                                        higher_is_better=True))
+    return tuple(benchmarks), (str(tasks.TASKS_DIR),)
+
+
+def get_suite(suite: str | Suite) -> Suite:
+    """A suite by name: ``"paper"``, ``"local"`` or ``"smoke"`` (or a `Suite` itself)."""
+    if isinstance(suite, Suite):
+        return suite
+    if suite == "paper":
+        return Suite("paper", PAPER_BENCHMARKS, None, True, PAPER_NUM_FEWSHOT, dict(PAPER_GEN_KWARGS))
+    if suite in ("local", "smoke"):
+        benchmarks, include = _local_benchmarks()
+        return Suite(suite, benchmarks, include, False, None, None, SMOKE_LIMIT if suite == "smoke" else None)
+    raise ValueError(f"unknown suite {suite!r}: 'paper', 'local', 'smoke', or a moepaper.evaluation.Suite")
+
+
+@functools.lru_cache(maxsize=8)
+def task_manager(include_path: tuple[str, ...] | None = None, include_defaults: bool = True):
+    """lm-eval's TaskManager, built once per (include_path, include_defaults): indexing takes seconds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include_path) if include_path else None, include_defaults=include_defaults)
+
+
+# Preferred metrics when a benchmark does not name one, best first.
+METRIC_PREFERENCE = ("acc_norm", "acc", "exact_match", "pass@1", "pass_at_1", "math_verify", "bits_per_byte",
+                     "word_perplexity", "byte_perplexity", "f1", "bleu")
+
+
+def primary_metric(task_result: dict) -> str:
+    """The results key ``"metric,filter"`` reported for a task whose benchmark names none.
+
+    The first of `METRIC_PREFERENCE` the task computed (filter ``none`` first), else its first metric.
+    """
+    keys = [k for k in task_result if "," in k and "_stderr," not in k]
+    if not keys:
+        raise ValueError(f"lm-eval result holds no metric: {sorted(task_result)}")
+    for name in METRIC_PREFERENCE:
+        matching = sorted((k for k in keys if k.split(",")[0] == name), key=lambda k: (k.split(",", 1)[1] != "none", k))
+        if matching:
+            return matching[0]
+    return keys[0]
+
+
+def _row(benchmark: Benchmark, suite: Suite, **values) -> dict:
+    row = dict(
+        benchmark=benchmark.name, label=benchmark.label, task=benchmark.task, metric=benchmark.metric,
+        value=float("nan"), stderr=float("nan"), higher_is_better=benchmark.higher_is_better, n=0,
+        status=NOT_RUN, note="", suite=suite.name,
+    )
+    row.update(values)
+    return row
+
+
+def _build_lm(model, tokenizer, backend: str, batch_size: int, device: str | None, model_args: dict | None):
+    if backend == "hf":
+        from lm_eval.models.huggingface import HFLM
+
+        if isinstance(model, (str, Path)):
+            return HFLM(pretrained=str(model), tokenizer=tokenizer, batch_size=batch_size, device=device or "cpu", **(model_args or {}))
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **(model_args or {}))
+    if backend == "vllm":
+        if not isinstance(model, (str, Path)):
+            raise ValueError(
+                "backend='vllm' loads weights itself: pass the path of a saved checkpoint "
+                "(moepaper.pruning.prune_experts + save_pruned), not an in-memory model"
+            )
+        from lm_eval.api.registry import get_model
+
+        args = {"pretrained": str(model), **(model_args or {})}
+        if tokenizer is not None and isinstance(tokenizer, (str, Path)):
+            args["tokenizer"] = str(tokenizer)
+        return get_model("vllm").create_from_arg_obj(args, {"batch_size": batch_size})
+    raise ValueError(f"unknown backend {backend!r}: 'hf' (in-memory model) or 'vllm' (saved checkpoint)")
+
+
+def evaluate(
+    model,
+    tokenizer,
+    suite: str | Suite = "local",
+    *,
+    limit: int | float | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    backend: str = "hf",
+    allow_code_execution: bool = False,
+    benchmarks: list[str] | None = None,
+    apply_chat_template: bool = False,
+    seed: int = 0,
+    device: str | None = None,
+    model_args: dict | None = None,
+    quiet: bool = True,
+) -> pd.DataFrame:
+    """Evaluate `model` on a suite; one row per benchmark (`RESULT_COLUMNS`).
+
+    model: a transformers causal LM in memory (``backend="hf"``; masked or pruned), or a
+        checkpoint path (``"hf"`` or ``"vllm"``).
+    tokenizer: its tokenizer (object or path).
+    suite: ``"paper"``, ``"local"``, ``"smoke"`` or a `Suite`.
+    limit: items per task (an int, or a fraction < 1); None: the suite's default (all, or
+        `SMOKE_LIMIT` for ``smoke``). lm-eval takes the first `limit` items.
+    batch_size: lm-eval batch size.
+    allow_code_execution: run the benchmarks that execute model-written code (HumanEval(+),
+        MBPP(+)); otherwise they are rows with status "not run".
+    benchmarks: evaluate only these benchmark names of the suite.
+    apply_chat_template: format prompts with the tokenizer's chat template (instruct models).
+    seed: lm-eval's python / numpy / torch / few-shot seeds.
+    quiet: silence lm-eval's info logging.
+
+    Returns a DataFrame with columns benchmark, label, task, metric, value (lm-eval's raw
+    value, e.g. accuracy in [0, 1]), stderr, higher_is_better, n (items evaluated), status
+    ("ok" or "not run"), note (why not run / which harness), suite.
+    """
+    import lm_eval
+
+    suite = get_suite(suite)
+    chosen = list(suite.benchmarks)
+    if benchmarks is not None:
+        unknown = set(benchmarks) - {b.name for b in chosen}
+        if unknown:
+            raise ValueError(f"suite {suite.name!r} has no benchmark(s) {sorted(unknown)}")
+        chosen = [b for b in chosen if b.name in benchmarks]
+    rows: dict[str, dict] = {}
+    runnable: list[Benchmark] = []
+    for b in chosen:
+        if b.task is None:
+            rows[b.name] = _row(b, suite, note=f"not in lm-eval; run {b.harness}")
+        elif b.code_execution and not allow_code_execution:
+            rows[b.name] = _row(b, suite, note="executes model-written code; pass allow_code_execution=True")
+        else:
+            runnable.append(b)
+    if runnable:
+        limit = suite.limit if limit is None else limit
+        if allow_code_execution and any(b.code_execution for b in runnable):
+            os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # the `evaluate` library's code_eval refuses otherwise
+        lm = _build_lm(model, tokenizer, backend, batch_size, device, model_args)
+        manager = task_manager(suite.include_path, suite.include_defaults)
+        started = time.time()
+        with _quiet(quiet):
+            output = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[b.task for b in runnable],
+                num_fewshot=suite.num_fewshot,
+                batch_size=batch_size,
+                limit=limit,
+                bootstrap_iters=0,
+                log_samples=False,
+                gen_kwargs=dict(suite.gen_kwargs) if suite.gen_kwargs else None,
+                task_manager=manager,
+                apply_chat_template=apply_chat_template,
+                confirm_run_unsafe_code=allow_code_execution,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
+        seconds = time.time() - started
+        results = {**output.get("groups", {}), **output["results"]}
+        for b in runnable:
+            task_result = results[b.task]
+            metric = b.metric or primary_metric(task_result)
+            if metric not in task_result:
+                raise KeyError(f"lm-eval result of {b.task!r} has no {metric!r}; it has {sorted(task_result)}")
+            name = metric.split(",")[0]
+            higher = b.higher_is_better
+            if higher is None:
+                higher = output.get("higher_is_better", {}).get(b.task, {}).get(name)
+            stderr = task_result.get(f"{name}_stderr,{metric.split(',', 1)[1]}")
+            n_samples = output.get("n-samples", {}).get(b.task, {})
+            n = n_samples.get("effective") if n_samples else _group_size(output, b.task)
+            rows[b.name] = _row(
+                b, suite, metric=metric, value=float(task_result[metric]),
+                stderr=float(stderr) if isinstance(stderr, (int, float)) else float("nan"),
+                higher_is_better=bool(higher) if higher is not None else True, n=int(n or 0), status=OK,
+                note=f"{seconds:.1f} s for {len(runnable)} task(s)",
+            )
+    return pd.DataFrame([rows[b.name] for b in chosen], columns=RESULT_COLUMNS)
+
+
+def _group_size(output: dict, group: str) -> int:
+    """Items a group (MMLU) evaluated: the sum over its subtasks."""
+    subtasks = output.get("group_subtasks", {}).get(group, [])
+    counts = output.get("n-samples", {})
+    return sum(_group_size(output, t) if t in output.get("group_subtasks", {}) else counts.get(t, {}).get("effective", 0) for t in subtasks)
+
+
+class _quiet:
+    """Silence lm-eval's and datasets' info logs and datasets' progress bars for the duration."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        self.levels = {name: logging.getLogger(name).level for name in ("lm_eval", "lm-eval", "datasets", "evaluate")}
+        for name in self.levels:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        import datasets
+
+        self.datasets_bars = datasets.utils.logging.is_progress_bar_enabled()
+        datasets.utils.logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.enabled:
+            return False
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)
+        if self.datasets_bars:
+            import datasets
+
+            datasets.utils.logging.enable_progress_bar()
+        return False
+
+
+def paper_task_names() -> list[str]:
+    """The lm-eval task names of the paper suite (benchmarks lm-eval provides)."""
+    return [b.task for b in PAPER_BENCHMARKS if b.task is not None]
+
+
+__all__ = [
+    "Benchmark", "Suite", "PAPER_BENCHMARKS", "get_suite", "evaluate", "primary_metric", "paper_task_names",
+    "task_manager", "NOT_RUN", "OK",
+]

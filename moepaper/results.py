@@ -1,0 +1,383 @@
+"""Result files and the resumable criteria x ratios sweep.
+
+One JSON file per (model, calibration, criterion, ratio, benchmark):
+
+    <out_dir>/<model>/<calibration>/<criterion>__r<ratio>/<benchmark>.json
+
+written atomically (a temporary file renamed into place), so an interrupted run never
+leaves half a file. The unpruned model is one entry per model: calibration ``none``,
+criterion ``unpruned``, ratio 0. Each file carries the value, the evaluation settings, the
+kept experts and provenance (moepaper, lm-eval, transformers and torch versions, seed,
+statistics hash, date).
+
+`sweep(model, tokenizer, stats, criteria=..., ratios=..., suite=...)` evaluates every
+criterion at every ratio on one loaded model through `mask_experts` (no weights copied),
+plus the unpruned model, and skips every (entry, benchmark) whose file already holds an
+"ok" result of the same evaluation settings and statistics: rerunning an interrupted
+sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import evaluation
+from .criteria import CRITERIA, Criterion, criterion_grid, expert_scores, get_criterion, mone_scores
+from .statistics import ExpertStatistics, file_hash
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "data" / "results"
+
+UNPRUNED = "unpruned"
+MONE = "mone"
+NO_CALIBRATION = "none"
+TASK_AGNOSTIC = "task-agnostic"
+TASK_SPECIFIC = "task-specific"
+SETTINGS = (TASK_AGNOSTIC, TASK_SPECIFIC)
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- names and paths
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form: ``S(0,2,1)`` -> ``S_0_2_1``, ``embedded:code`` -> ``embedded-code``."""
+    text = str(text).replace(":", "-").replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "_"
+
+
+def ratio_tag(ratio: float) -> str:
+    return f"r{float(ratio):g}"
+
+
+def result_path(out_dir: str | Path, model: str, calibration: str, criterion: str, ratio: float, benchmark: str) -> Path:
+    """Where the result of one (model, calibration, criterion, ratio, benchmark) lives."""
+    return Path(out_dir) / slug(model) / slug(calibration) / f"{slug(criterion)}__{ratio_tag(ratio)}" / f"{slug(benchmark)}.json"
+
+
+def write_json_atomic(path: str | Path, record: dict) -> Path:
+    """Write `record` as JSON to `path` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True, allow_nan=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_result(path: str | Path) -> dict | None:
+    """A result record, or None when the file is missing or unreadable (then it is recomputed)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def versions() -> dict:
+    import lm_eval
+    import transformers
+
+    from . import __version__
+
+    try:
+        lm_eval_version = lm_eval.__version__
+    except AttributeError:
+        from importlib.metadata import version
+
+        lm_eval_version = version("lm_eval")
+    return {
+        "moepaper": __version__,
+        "lm_eval": lm_eval_version,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def statistics_hash(stats: ExpertStatistics, path: str | Path | None = None) -> str:
+    """sha256 of the statistics file when given, else of the statistics' tensors."""
+    if path is not None:
+        return file_hash(path)
+    digest = hashlib.sha256()
+    for tensor in (stats.moments, stats.output_sum, stats.tokens):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(json.dumps([stats.layers, stats.num_experts, stats.top_k]).encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- criteria
+
+
+def resolve_criteria(criteria: str | Sequence | None) -> list[str | Criterion]:
+    """Named criteria + MoNE (``None`` or ``"named"``), the whole grid + MoNE (``"grid"``), or a list.
+
+    List items: a name ("man", "mone"), a `Criterion`, or a point (b, alpha, beta).
+    """
+    if criteria is None or criteria == "named":
+        return list(CRITERIA.values()) + [MONE]
+    if criteria == "grid":
+        return criterion_grid() + [MONE]
+    if isinstance(criteria, str):
+        raise ValueError(f"criteria={criteria!r}: 'named', 'grid' or a list of criteria")
+    resolved = []
+    for c in criteria:
+        resolved.append(MONE if isinstance(c, str) and c.lower() == MONE else get_criterion(c))
+    return resolved
+
+
+def criterion_record(criterion: str | Criterion) -> dict:
+    if isinstance(criterion, Criterion):
+        return {"criterion": criterion.name, "b": criterion.b, "alpha": criterion.alpha, "beta": criterion.beta}
+    return {"criterion": criterion, "b": None, "alpha": None, "beta": None}
+
+
+def criterion_scores(stats: ExpertStatistics, criterion: str | Criterion) -> torch.Tensor:
+    """[layers, experts] scores of a criterion of the family, or of MoNE."""
+    if isinstance(criterion, str) and criterion == MONE:
+        return mone_scores(stats)
+    return expert_scores(stats, criterion)
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One evaluated model variant of a sweep."""
+
+    criterion: str | Criterion
+    ratio: float
+    calibration: str
+
+    @property
+    def name(self) -> str:
+        return self.criterion.name if isinstance(self.criterion, Criterion) else self.criterion
+
+    @property
+    def unpruned(self) -> bool:
+        return self.name == UNPRUNED
+
+
+def _settings_fingerprint(suite: evaluation.Suite, limit, seed: int, backend: str, apply_chat_template: bool) -> dict:
+    return {
+        "suite": suite.name,
+        "limit": suite.limit if limit is None else limit,
+        "num_fewshot": suite.num_fewshot,
+        "gen_kwargs": suite.gen_kwargs,
+        "seed": seed,
+        "backend": backend,
+        "apply_chat_template": apply_chat_template,
+    }
+
+
+def _is_done(record: dict | None, settings: dict, stats_hash: str | None) -> bool:
+    if record is None or record.get("status") != evaluation.OK:
+        return False
+    if record.get("evaluation") != settings:
+        return False
+    return stats_hash is None or record.get("provenance", {}).get("statistics_hash") == stats_hash
+
+
+def sweep(
+    model,
+    tokenizer,
+    stats: ExpertStatistics,
+    *,
+    criteria: str | Sequence | None = None,
+    ratios: Sequence[float] = (0.25, 0.5),
+    suite: str | evaluation.Suite = "local",
+    setting: str = TASK_AGNOSTIC,
+    model_name: str | None = None,
+    calibration: str | None = None,
+    statistics_path: str | Path | None = None,
+    out_dir: str | Path = RESULTS_DIR,
+    limit: int | float | None = None,
+    batch_size: int = evaluation.DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    include_unpruned: bool = True,
+    allow_code_execution: bool = False,
+    apply_chat_template: bool = False,
+    progress: bool = True,
+    reuse_identical: bool = True,
+    on_entry: Callable[[Entry, list[Path]], None] | None = None,
+) -> list[Path]:
+    """Evaluate every criterion at every ratio (and the unpruned model); write one file per benchmark.
+
+    model, tokenizer: the loaded model (evaluated in memory under `mask_experts`).
+    stats: its expert statistics; `statistics_path` (the file they were loaded from) gives
+        the provenance hash, else the tensors are hashed.
+    criteria: ``"named"`` (default: the paper's named criteria + MoNE), ``"grid"`` (every
+        (b, alpha, beta) + MoNE), or a list (names, `Criterion`s, points, "mone").
+    ratios: fractions of experts removed in every MoE layer (`select_experts`, scope "layer").
+    suite: evaluation suite (`moepaper.evaluation.get_suite`).
+    setting: ``"task-agnostic"`` or ``"task-specific"``, stored with every result.
+    model_name: name of the model in paths and tables (default: `config._name_or_path`'s last part).
+    calibration: name of the calibration data (default: ``stats.metadata["calibration"]``).
+    out_dir: results root (default ``data/results``).
+    limit, batch_size, seed, allow_code_execution, apply_chat_template: passed to `evaluate`.
+    reuse_identical: an entry whose kept experts equal those of an entry already evaluated
+        (in this sweep or on disk, same model and evaluation settings) is the same model, so
+        its results are copied rather than recomputed; the record names the source in
+        ``provenance.same_kept_experts_as``. Criteria often agree at a ratio, so this saves time.
+    on_entry: called after each entry's files are written (``on_entry(entry, paths)``).
+
+    An (entry, benchmark) whose file holds an "ok" result with the same evaluation settings
+    and statistics hash is skipped; one with other settings is recomputed and overwritten.
+    Returns the paths of every result file of the sweep (written or already there).
+    """
+    from tqdm.auto import tqdm
+
+    from .architecture import find_moe_layers
+    from .pruning import mask_experts, select_experts
+
+    if setting not in SETTINGS:
+        raise ValueError(f"setting={setting!r}: one of {SETTINGS}")
+    suite = evaluation.get_suite(suite)
+    model_name = model_name or Path(str(getattr(model.config, "_name_or_path", "") or type(model).__name__)).name
+    calibration = calibration or stats.metadata.get("calibration") or "unknown"
+    stats_hash = statistics_hash(stats, statistics_path)
+    settings = _settings_fingerprint(suite, limit, seed, "hf", apply_chat_template)
+    layers = find_moe_layers(model)
+    stats.check_model(model)
+
+    entries = [Entry(UNPRUNED, 0.0, NO_CALIBRATION)] if include_unpruned else []
+    entries += [Entry(c, float(r), calibration) for c in resolve_criteria(criteria) for r in ratios]
+    evaluated = _evaluated_index(Path(out_dir) / slug(model_name), settings) if reuse_identical else {}
+    all_paths: list[Path] = []
+    counts = {"evaluated": 0, "reused": 0, "skipped": 0}
+    bar = tqdm(entries, desc=f"sweep {model_name} / {calibration}", unit="entry", disable=not progress)
+    for entry in bar:
+        bar.set_postfix_str(f"{entry.name} {entry.ratio:g}")
+        paths = {b.name: result_path(out_dir, model_name, entry.calibration, entry.name, entry.ratio, b.name) for b in suite.benchmarks}
+        all_paths += paths.values()
+        entry_hash = None if entry.unpruned else stats_hash
+        todo = [name for name, p in paths.items() if not _is_done(read_result(p), settings, entry_hash)]
+        if not todo:
+            counts["skipped"] += 1
+            continue
+        keep = None
+        if not entry.unpruned:
+            scores = criterion_scores(stats, entry.criterion)
+            keep = select_experts(scores, ratio=entry.ratio, layers=layers, statistics=stats)
+        kept_key = _kept_key(keep)
+        rows, sources, seconds = {}, {}, 0.0
+        for name in todo:  # the same kept experts make the same model: reuse its results
+            source = evaluated.get((kept_key, name))
+            if source is not None:
+                rows[name] = {k: source[k] for k in evaluation.RESULT_COLUMNS}
+                sources[name] = source["_path"]
+        missing = [name for name in todo if name not in rows]
+        if missing:
+            started = time.time()
+            with nullcontext() if keep is None else mask_experts(model, keep, layers=layers):
+                frame = evaluation.evaluate(
+                    model, tokenizer, suite, limit=limit, batch_size=batch_size, benchmarks=missing, seed=seed,
+                    allow_code_execution=allow_code_execution, apply_chat_template=apply_chat_template,
+                )
+            seconds = time.time() - started
+            rows.update({row["benchmark"]: row for row in frame.to_dict("records")})
+            counts["evaluated"] += 1
+        else:
+            counts["reused"] += 1
+        written = []
+        for name in todo:
+            row = rows[name]
+            record = {
+                "model": model_name,
+                "calibration": entry.calibration,
+                "setting": None if entry.unpruned else setting,
+                **criterion_record(entry.criterion),
+                "ratio": entry.ratio,
+                **{k: _jsonable(v) for k, v in row.items()},
+                "kept": None if keep is None else [k.tolist() for k in keep],
+                "evaluation": settings,
+                "provenance": {
+                    **versions(),
+                    "seed": seed,
+                    "statistics_hash": entry_hash,
+                    "statistics": None if entry.unpruned else _statistics_summary(stats, statistics_path),
+                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "seconds": 0.0 if name in sources else round(seconds, 2),
+                    "same_kept_experts_as": sources.get(name),
+                },
+            }
+            path = write_json_atomic(paths[name], record)
+            written.append(path)
+            if row.get("status") == evaluation.OK:
+                evaluated.setdefault((kept_key, name), {**record, "_path": _relative(path, out_dir)})
+        if on_entry is not None:
+            on_entry(entry, written)
+    log.info("sweep %s / %s: %d entries evaluated, %d reused identical kept sets, %d already on disk",
+             model_name, calibration, counts["evaluated"], counts["reused"], counts["skipped"])
+    return all_paths
+
+
+def _kept_key(keep) -> tuple:
+    """Hashable kept experts per layer; None (the unpruned model) keeps everything."""
+    return ("all",) if keep is None else tuple(tuple(int(i) for i in k) for k in keep)
+
+
+def _relative(path: Path, root) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _evaluated_index(model_dir: Path, settings: dict) -> dict:
+    """(kept experts, benchmark) -> an "ok" record under `model_dir` with the same evaluation settings."""
+    index = {}
+    if not model_dir.exists():
+        return index
+    for path in sorted(model_dir.rglob("*.json")):
+        record = read_result(path)
+        if not record or record.get("status") != evaluation.OK or record.get("evaluation") != settings:
+            continue
+        kept = record.get("kept")
+        key = _kept_key(None if kept is None else kept)
+        index.setdefault((key, record.get("benchmark")), {**record, "_path": _relative(path, model_dir.parent)})
+    return index
+
+
+def _statistics_summary(stats: ExpertStatistics, path) -> dict:
+    meta = stats.metadata
+    return {
+        "file": None if path is None else str(path),
+        "calibration": meta.get("calibration"),
+        "token_count": meta.get("token_count"),
+        "gate": meta.get("gate"),
+        "model_name": meta.get("model_name"),
+    }
+
+
+def _jsonable(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "item"):
+        return value.item()
+    return value

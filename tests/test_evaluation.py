@@ -1,0 +1,268 @@
+"""Calibration data, lm-eval evaluation and the resumable sweep, offline on tiny models."""
+
+import json
+import os
+import string
+import time
+
+import pytest
+import torch
+
+from moepaper import collect_statistics
+from moepaper.calibration import (
+    SOURCES,
+    CalibrationDataUnavailable,
+    calibration_batches,
+    calibration_texts,
+)
+from moepaper.evaluation import PAPER_BENCHMARKS, Benchmark, Suite, evaluate, get_suite, paper_task_names
+from moepaper.results import UNPRUNED, read_result, result_path, sweep
+from moepaper.tiny import random_batch, tiny_model
+
+
+def char_tokenizer():
+    """A character-level tokenizer of printable ASCII (102 ids, within the tiny models' 128)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c"]
+    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + chars)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+
+
+QUESTIONS = [
+    ("the cat sat on the", ["mat", "sky"], 0),
+    ("one two three", ["four", "cat"], 0),
+    ("red green", ["blue", "seven"], 0),
+    ("monday tuesday", ["wednesday", "apple"], 0),
+    ("a b c", ["d", "z"], 0),
+    ("1 + 1 =", ["2", "9"], 0),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def task_suite(tmp_path_factory):
+    """Three small lm-eval tasks (multiple choice, generation, rolling loglikelihood) in a temp folder."""
+    folder = tmp_path_factory.mktemp("tasks")
+    data = folder / "items.jsonl"
+    data.write_text("".join(json.dumps({"q": q, "choices": c, "label": l}) + "\n" for q, c, l in QUESTIONS))
+    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+    (folder / "t_mc.yaml").write_text(
+        "task: t_mc\n" + common + 'output_type: multiple_choice\ndoc_to_text: "{{q}}"\ndoc_to_choice: "{{choices}}"\n'
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    (folder / "t_gen.yaml").write_text(
+        "task: t_gen\n" + common + 'output_type: generate_until\ndoc_to_text: "{{q}}"\ndoc_to_target: " {{choices[0]}}"\n'
+        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    (folder / "t_ppl.yaml").write_text(
+        "task: t_ppl\n" + common + 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{q}}"\n'
+        "metric_list:\n  - metric: bits_per_byte\n    aggregation: bits_per_byte\n    higher_is_better: false\n"
+    )
+    benchmarks = (
+        Benchmark("t_mc", "MC", "t_mc", "acc,none"),
+        Benchmark("t_gen", "Gen", "t_gen"),
+        Benchmark("t_ppl", "PPL", "t_ppl"),
+    )
+    return Suite("test", benchmarks, include_path=(str(folder),), include_defaults=False, limit=4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("qwen3_moe", max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def tiny_stats(tiny):
+    return collect_statistics(tiny, [random_batch(batch=4, seq_len=32, seed=i) for i in range(3)], progress=False, calibration="random")
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_evaluate_returns_one_row_per_benchmark(tiny, tokenizer, task_suite):
+    frame = evaluate(tiny, tokenizer, task_suite)
+    assert list(frame["benchmark"]) == ["t_mc", "t_gen", "t_ppl"]
+    assert (frame["status"] == "ok").all()
+    assert list(frame["n"]) == [4, 4, 4]  # the suite's limit
+    mc, gen, ppl = (frame.set_index("benchmark").loc[b] for b in ("t_mc", "t_gen", "t_ppl"))
+    assert mc["metric"] == "acc,none" and 0 <= mc["value"] <= 1 and mc["higher_is_better"]
+    assert gen["metric"] == "exact_match,none" and gen["higher_is_better"]  # chosen by primary_metric
+    assert ppl["metric"] == "bits_per_byte,none" and ppl["value"] > 0 and not ppl["higher_is_better"]
+
+
+def test_masked_model_scores_differ_from_unpruned(tiny, tokenizer, task_suite, tiny_stats):
+    """Evaluation sees the mask: removing half the experts changes the model's bits per byte."""
+    from moepaper.criteria import expert_scores
+    from moepaper.pruning import mask_experts, select_experts
+
+    keep = select_experts(expert_scores(tiny_stats, "man"), ratio=0.5, model=tiny)
+    full = evaluate(tiny, tokenizer, task_suite, benchmarks=["t_ppl"])["value"].item()
+    with mask_experts(tiny, keep):
+        masked = evaluate(tiny, tokenizer, task_suite, benchmarks=["t_ppl"])["value"].item()
+    again = evaluate(tiny, tokenizer, task_suite, benchmarks=["t_ppl"])["value"].item()
+    assert masked != pytest.approx(full, rel=1e-4)
+    assert again == pytest.approx(full, rel=1e-9)  # the mask is gone after the context
+
+
+def test_paper_suite_reports_missing_benchmarks_as_not_run():
+    suite = get_suite("paper")
+    assert len(suite.benchmarks) == 16
+    frame = evaluate(None, None, suite, benchmarks=["humaneval", "mbpp_plus", "livecodebench", "wildbench"])
+    assert list(frame["status"]) == ["not run"] * 4
+    notes = frame.set_index("benchmark")["note"]
+    assert "allow_code_execution" in notes["humaneval"]
+    assert "LiveCodeBench" in notes["livecodebench"] and "WildBench" in notes["wildbench"]
+    assert suite.num_fewshot == 0 and suite.gen_kwargs == {"max_gen_toks": 2048, "do_sample": False}
+
+
+def test_paper_task_names_exist_in_lm_eval_index():
+    from lm_eval.tasks import TaskManager
+
+    names = paper_task_names()
+    assert len(names) == 14 and {"livecodebench", "wildbench"} == {b.name for b in PAPER_BENCHMARKS if b.task is None}
+    index = set(TaskManager().all_tasks)
+    missing = [n for n in names if n not in index]
+    assert not missing, f"lm-eval {len(index)} tasks lack {missing}"
+
+
+def test_smoke_suite_on_tiny_model_writes_results(tiny, tokenizer, tiny_stats, tmp_path):
+    pytest.importorskip("moepaper.tasks", reason="the embedded lm-eval tasks (moepaper.tasks) are not built yet")
+    suite = get_suite("smoke")
+    paths = sweep(tiny, tokenizer, tiny_stats, criteria=["man"], ratios=[0.5], suite=suite, out_dir=tmp_path,
+                  model_name="tiny", progress=False)
+    assert len(paths) == 2 * len(suite.benchmarks)
+    records = [read_result(p) for p in paths]
+    assert all(r["status"] == "ok" and r["n"] <= suite.limit for r in records)
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def test_sweep_writes_provenance_and_resumes(tiny, tokenizer, task_suite, tiny_stats, tmp_path, monkeypatch):
+    from moepaper import evaluation
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(entry, paths):
+        raise Stop(entry.name)
+
+    kwargs = dict(criteria=["man", "mone"], ratios=[0.5], suite=task_suite, out_dir=tmp_path, model_name="tiny", progress=False,
+                  reuse_identical=False)
+    with pytest.raises(Stop):
+        sweep(tiny, tokenizer, tiny_stats, on_entry=stop_after_first, **kwargs)
+    first = result_path(tmp_path, "tiny", "none", UNPRUNED, 0.0, "t_mc")
+    assert first.exists()
+    assert not result_path(tmp_path, "tiny", "random", "man", 0.5, "t_mc").exists()
+    record = read_result(first)
+    assert record["criterion"] == UNPRUNED and record["ratio"] == 0 and record["kept"] is None
+    stamp = first.stat().st_mtime_ns
+
+    calls = []
+    real = evaluation.evaluate
+
+    def counting(model, tokenizer, suite, **kw):
+        calls.append(kw.get("benchmarks"))
+        return real(model, tokenizer, suite, **kw)
+
+    monkeypatch.setattr(evaluation, "evaluate", counting)
+    paths = sweep(tiny, tokenizer, tiny_stats, **kwargs)
+    assert len(calls) == 2  # man and mone; the unpruned entry was not recomputed
+    assert first.stat().st_mtime_ns == stamp
+    assert len(paths) == 9 and all(p.exists() for p in paths)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+    man = read_result(result_path(tmp_path, "tiny", "random", "man", 0.5, "t_ppl"))
+    assert (man["b"], man["alpha"], man["beta"]) == (1, 0, 1)
+    assert [len(k) for k in man["kept"]] == [4, 4]  # half of 8 experts in both MoE layers
+    prov = man["provenance"]
+    assert {"moepaper", "lm_eval", "transformers", "torch", "seed", "statistics_hash", "date"} <= set(prov)
+    assert len(prov["statistics_hash"]) == 64 and man["setting"] == "task-agnostic"
+
+    calls.clear()
+    sweep(tiny, tokenizer, tiny_stats, **kwargs)
+    assert calls == []  # everything on disk
+    sweep(tiny, tokenizer, tiny_stats, **{**kwargs, "limit": 2})
+    assert len(calls) == 3  # other evaluation settings: recomputed
+
+
+def test_sweep_reuses_results_of_identical_kept_experts(tiny, tokenizer, task_suite, tiny_stats, tmp_path, monkeypatch):
+    from moepaper import evaluation
+
+    calls = []
+    real = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **kw: calls.append(kw["benchmarks"]) or real(*a, **kw))
+    kwargs = dict(criteria=["man"], ratios=[0.5], suite=task_suite, out_dir=tmp_path, model_name="tiny", progress=False)
+    sweep(tiny, tokenizer, tiny_stats, **kwargs)
+    assert len(calls) == 2  # unpruned, man
+    calls.clear()
+    # the same statistics under another calibration name select the same experts: nothing to evaluate
+    sweep(tiny, tokenizer, tiny_stats, calibration="again", **kwargs)
+    assert calls == []
+    copy = read_result(result_path(tmp_path, "tiny", "again", "man", 0.5, "t_ppl"))
+    source = read_result(result_path(tmp_path, "tiny", "random", "man", 0.5, "t_ppl"))
+    assert copy["value"] == source["value"] and copy["kept"] == source["kept"]
+    assert copy["provenance"]["same_kept_experts_as"] == "tiny/random/man__r0.5/t_ppl.json"
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def test_calibration_offline_error_is_fast_and_says_what_to_download(tokenizer, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for source in ("c4", "code", "math"):
+        started = time.time()
+        with pytest.raises(CalibrationDataUnavailable) as error:
+            next(calibration_batches(source, tokenizer, n_sequences=2, seq_len=16))
+        assert time.time() - started < 5
+        message = str(error.value)
+        assert SOURCES[source].path in message and "load_dataset" in message and "embedded:mixed" in message
+
+
+def test_calibration_unreachable_hub_fails_fast(tokenizer, monkeypatch):
+    from moepaper import calibration
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(calibration, "_hub_reachable", lambda timeout=2.0: False)
+    with pytest.raises(CalibrationDataUnavailable, match="did not answer"):
+        next(calibration_batches("c4", tokenizer, n_sequences=2, seq_len=16))
+
+
+def test_embedded_calibration_packs_exact_sequences(tokenizer):
+    batches = list(calibration_batches("embedded:mixed", tokenizer, n_sequences=10, seq_len=64, seed=1, batch_size=4))
+    assert [b["input_ids"].shape for b in batches] == [(4, 64), (4, 64), (2, 64)]
+    assert all(bool(b["attention_mask"].all()) for b in batches)
+    again = torch.cat([b["input_ids"] for b in calibration_batches("embedded:mixed", tokenizer, n_sequences=10, seq_len=64, seed=1)])
+    other = torch.cat([b["input_ids"] for b in calibration_batches("embedded:mixed", tokenizer, n_sequences=10, seq_len=64, seed=2)])
+    first = torch.cat([b["input_ids"] for b in batches])
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert (first == tokenizer.eos_token_id).any()  # documents are joined by end-of-sequence
+
+
+def test_embedded_mixed_interleaves_domains():
+    from moepaper.corpus import DOMAINS, read_split
+
+    texts = calibration_texts("embedded:mixed", seed=0)
+    first = [next(texts) for _ in range(3 * 4)]
+    for i, domain in enumerate(DOMAINS):
+        calibration = set(read_split(domain, "calibration"))
+        assert all(t in calibration for t in first[i::3])
+    code = list(calibration_texts("embedded:code", seed=0))
+    assert sorted(code) == sorted(read_split("code", "calibration"))
+
+
+def test_calibration_short_source_raises(tokenizer):
+    with pytest.raises(ValueError, match="holds only"):
+        next(calibration_batches("embedded:math", tokenizer, n_sequences=10**6, seq_len=512))

@@ -1,0 +1,155 @@
+"""Tables, ranks and figures on hand-made results and tiny-model statistics."""
+
+import pytest
+
+from moepaper import collect_statistics
+from moepaper.criteria import CRITERIA
+from moepaper.reporting import (
+    AVERAGE,
+    AVERAGE_RANK,
+    average_rank_summary,
+    gap_to_baseline,
+    kept_overlap,
+    load_results,
+    plot_frequency_vs_norm,
+    plot_grid_heatmap,
+    plot_kept_overlap,
+    plot_rank_correlation,
+    plot_score_vs_ratio,
+    rank_table,
+    rank_correlation,
+    results_table,
+    save_figure,
+    to_latex,
+    to_markdown,
+    write_tables,
+)
+from moepaper.results import UNPRUNED, result_path, write_json_atomic
+from moepaper.tiny import random_batch, tiny_model
+
+# benchmark -> (metric, higher_is_better); b4 was not run
+BENCHMARKS = {"b1": ("acc,none", True), "b2": ("acc_norm,none", True), "b3": ("bits_per_byte,none", False), "b4": (None, None)}
+# criterion -> values on b1, b2, b3 (ratio 0.5, calibration "c")
+VALUES = {
+    "man": (0.60, 0.30, 1.0),
+    "msan": (0.60, 0.50, 1.2),
+    "frequency": (0.50, 0.50, 1.1),
+    "reap": (0.40, 0.70, 1.3),
+}
+UNPRUNED_VALUES = (0.70, 0.80, 0.9)
+
+
+def _write(out, criterion, ratio, calibration, values, setting="task-agnostic"):
+    c = CRITERIA.get(criterion)
+    for (name, (metric, higher)), value in zip(BENCHMARKS.items(), list(values) + [None]):
+        record = {
+            "model": "toy", "calibration": calibration, "setting": None if criterion == UNPRUNED else setting,
+            "criterion": criterion, "b": c and c.b, "alpha": c and c.alpha, "beta": c and c.beta, "ratio": ratio,
+            "benchmark": name, "label": name.upper(), "task": name, "metric": metric, "value": value,
+            "stderr": None, "higher_is_better": higher, "n": 10, "status": "ok" if value is not None else "not run",
+            "note": "" if value is not None else "not in lm-eval", "suite": "toy", "evaluation": {"limit": None},
+            "provenance": {"date": "2026-01-01T00:00:00+00:00"},
+        }
+        write_json_atomic(result_path(out, "toy", calibration, criterion, ratio, name), record)
+
+
+@pytest.fixture
+def results(tmp_path):
+    for criterion, values in VALUES.items():
+        _write(tmp_path, criterion, 0.5, "c", values)
+        _write(tmp_path, criterion, 0.25, "c", tuple(v + 0.05 if i < 2 else v for i, v in enumerate(values)))
+    _write(tmp_path, UNPRUNED, 0.0, "none", UNPRUNED_VALUES)
+    return load_results(tmp_path)
+
+
+def test_load_results_scales_proportions(results):
+    assert len(results) == 2 * 4 * 4 + 4
+    row = results[(results["criterion"] == "man") & (results["ratio"] == 0.5) & (results["benchmark"] == "b1")].iloc[0]
+    assert row["score"] == pytest.approx(60.0)
+    bpb = results[(results["criterion"] == "man") & (results["ratio"] == 0.5) & (results["benchmark"] == "b3")].iloc[0]
+    assert bpb["score"] == pytest.approx(1.0)  # not a proportion: unchanged
+
+
+def test_results_table_and_average(results):
+    table = results_table(results, calibration="c", ratio=0.5)
+    assert list(table.index) == [UNPRUNED, "frequency", "reap", "man", "msan"]
+    assert list(table.columns) == ["b1", "b2", "b3", "b4", AVERAGE]
+    # the average covers the higher-is-better benchmarks that ran: b1, b2
+    assert table.loc["man", AVERAGE] == pytest.approx(45.0)
+    assert table.loc["msan", AVERAGE] == pytest.approx(55.0)
+    assert table.loc[UNPRUNED, AVERAGE] == pytest.approx(75.0)
+    assert table["b4"].isna().all()
+
+
+def test_ranks_with_ties(results):
+    table = results_table(results, calibration="c", ratio=0.5)
+    ranks = rank_table(table)
+    assert UNPRUNED not in ranks.index
+    assert list(ranks.columns) == ["b1", "b2", "b3", AVERAGE_RANK]  # b4 (not run) has no ranks
+    # b1: man and msan tie for first -> 1.5 each; b2: msan and frequency tie for 2nd -> 2.5
+    assert ranks.loc["man", "b1"] == ranks.loc["msan", "b1"] == 1.5
+    assert ranks.loc["msan", "b2"] == ranks.loc["frequency", "b2"] == 2.5
+    # b3 is bits per byte: lower is better, so man (1.0) ranks first
+    assert ranks.loc["man", "b3"] == 1 and ranks.loc["reap", "b3"] == 4
+    expected = {"man": (1.5 + 4 + 1) / 3, "msan": (1.5 + 2.5 + 3) / 3, "frequency": (3 + 2.5 + 2) / 3, "reap": (4 + 1 + 4) / 3}
+    for name, value in expected.items():
+        assert ranks.loc[name, AVERAGE_RANK] == pytest.approx(value)
+    # ranks of each benchmark sum to 1 + 2 + 3 + 4 whatever the ties
+    assert (ranks[["b1", "b2", "b3"]].sum() == 10).all()
+
+
+def test_gap_to_strongest_baseline(results):
+    gap = gap_to_baseline(results_table(results, calibration="c", ratio=0.5))
+    assert set(gap.index) == {"man", "msan"}
+    assert (gap["strongest baseline"] == "reap").all()  # reap 55 > frequency 50
+    assert gap.loc["man", "gap"] == pytest.approx(-10.0) and gap.loc["msan", "gap"] == pytest.approx(0.0)
+
+
+def test_markdown_and_latex(results):
+    table = results_table(results, calibration="c", ratio=0.5)
+    md = to_markdown(table)
+    assert "| MAN" in md and "**60.0**" in md and "not run" in md  # tie: both bold
+    assert md.count("**60.0**") == 2
+    assert "**1.0**" in md  # lowest bits per byte is the best
+    tex = to_latex(table, caption="toy")
+    assert r"\textbf{60.0}" in tex and r"\begin{tabular}" in tex and "B4" in tex
+
+
+def test_average_rank_summary_and_written_tables(results, tmp_path):
+    summary = average_rank_summary(results, model="toy")
+    assert summary.shape == (4, 2)
+    assert summary.loc["man", ("task-agnostic", "c", "50%")] == pytest.approx((1.5 + 4 + 1) / 3)
+    written = write_tables(results, tmp_path / "tables")
+    names = {p.name for p in written}
+    assert {"results__toy__c__0.5.md", "ranks__toy__c__0.25.tex", "gap__toy__c__0.5.md", "average_rank__toy.md"} <= names
+
+
+# ---------------------------------------------------------------- figures
+
+
+@pytest.fixture(scope="module")
+def stats():
+    model = tiny_model("olmoe")
+    return collect_statistics(model, [random_batch(batch=4, seq_len=32, seed=i) for i in range(3)], progress=False, calibration="random")
+
+
+def test_overlap_and_correlation_values(stats):
+    overlap = kept_overlap(stats, ["man", "msan", "frequency"], ratio=0.5)
+    assert overlap.shape == (3, 3, 3)
+    assert (overlap[:, range(3), range(3)] == 1).all() and ((overlap >= 0) & (overlap <= 1)).all()
+    rho = rank_correlation(stats, ["man", "ean", "frequency"])
+    assert rho.shape == (3, 3, 3) and (abs(rho[:, range(3), range(3)] - 1) < 1e-12).all()
+
+
+def test_figures_saved_as_png_and_pdf(results, stats, tmp_path):
+    figures = {
+        "heatmap": plot_grid_heatmap(results, calibration="c", ratio=0.5),
+        "ratio": plot_score_vs_ratio(results, calibration="c"),
+        "overlap": plot_kept_overlap(stats, ratio=0.5),
+        "correlation": plot_rank_correlation(stats),
+        "frequency": plot_frequency_vs_norm(stats),
+    }
+    for name, fig in figures.items():
+        paths = save_figure(fig, name, tmp_path)
+        assert [p.suffix for p in paths] == [".png", ".pdf"]
+        assert all(p.stat().st_size > 1000 for p in paths)
