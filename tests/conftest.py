@@ -12,7 +12,8 @@ import torch
 
 from moepaper.tiny import FAMILIES, PAPER_FAMILIES, random_batch, tiny_model
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread: tiny models are dominated by thread overhead (20-60x slower with 2 on a busy machine)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(params=list(FAMILIES))
