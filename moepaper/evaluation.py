@@ -47,7 +47,7 @@ NOT_RUN = "not run"
 OK = "ok"
 
 RESULT_COLUMNS = [
-    "benchmark", "label", "task", "metric", "value", "stderr", "higher_is_better", "n", "status", "note", "suite",
+    "benchmark", "label", "task", "metric", "value", "stderr", "higher_is_better", "n", "status", "note", "suite", "domain",
 ]
 
 
@@ -198,7 +198,7 @@ def _row(benchmark: Benchmark, suite: Suite, **values) -> dict:
     row = dict(
         benchmark=benchmark.name, label=benchmark.label, task=benchmark.task, metric=benchmark.metric,
         value=float("nan"), stderr=float("nan"), higher_is_better=benchmark.higher_is_better, n=0,
-        status=NOT_RUN, note="", suite=suite.name,
+        status=NOT_RUN, note="", suite=suite.name, domain=benchmark.domain,
     )
     row.update(values)
     return row
@@ -240,6 +240,7 @@ def evaluate(
     seed: int = 0,
     device: str | None = None,
     model_args: dict | None = None,
+    spread: bool = True,
     quiet: bool = True,
 ) -> pd.DataFrame:
     """Evaluate `model` on a suite; one row per benchmark (`RESULT_COLUMNS`).
@@ -249,7 +250,10 @@ def evaluate(
     tokenizer: its tokenizer (object or path).
     suite: ``"paper"``, ``"local"``, ``"smoke"`` or a `Suite`.
     limit: items per task (an int, or a fraction < 1); None: the suite's default (all, or
-        `SMOKE_LIMIT` for ``smoke``). lm-eval takes the first `limit` items.
+        `SMOKE_LIMIT` for ``smoke``).
+    spread: with an int `limit`, evaluate `limit` items evenly spaced through each task
+        (lm-eval's ``samples``) rather than lm-eval's first `limit` items, which in a split
+        ordered by source cover only its first sources. Groups (MMLU) take the first items.
     batch_size: lm-eval batch size.
     allow_code_execution: run the benchmarks that execute model-written code (HumanEval(+),
         MBPP(+)); otherwise they are rows with status "not run".
@@ -260,7 +264,7 @@ def evaluate(
 
     Returns a DataFrame with columns benchmark, label, task, metric, value (lm-eval's raw
     value, e.g. accuracy in [0, 1]), stderr, higher_is_better, n (items evaluated), status
-    ("ok" or "not run"), note (why not run / which harness), suite.
+    ("ok" or "not run"), note (why not run / which harness), suite, domain.
     """
     import lm_eval
 
@@ -288,12 +292,17 @@ def evaluate(
         manager = task_manager(suite.include_path, suite.include_defaults)
         started = time.time()
         with _quiet(quiet):
+            tasks, samples = [b.task for b in runnable], None
+            if spread and isinstance(limit, int) and not isinstance(limit, bool):
+                tasks, samples = _spread_items(manager, tasks, limit)
+                limit = None if samples is not None else limit
             output = lm_eval.simple_evaluate(
                 model=lm,
-                tasks=[b.task for b in runnable],
+                tasks=tasks,
                 num_fewshot=suite.num_fewshot,
                 batch_size=batch_size,
                 limit=limit,
+                samples=samples,
                 bootstrap_iters=0,
                 log_samples=False,
                 gen_kwargs=dict(suite.gen_kwargs) if suite.gen_kwargs else None,
@@ -326,6 +335,20 @@ def evaluate(
                 note=f"{seconds:.1f} s for {len(runnable)} task(s)",
             )
     return pd.DataFrame([rows[b.name] for b in chosen], columns=RESULT_COLUMNS)
+
+
+def _spread_items(manager, names: list[str], limit: int):
+    """Loaded tasks and `limit` evenly spaced item indices per task, or (names, None) for groups."""
+    loaded = manager.load(names)
+    if loaded["groups"]:
+        return names, None
+    tasks = list(loaded["tasks"].values())
+    samples = {}
+    for task in tasks:
+        size = len(task.eval_docs)
+        count = min(limit, size)
+        samples[task.task_name] = sorted({int(i * size / count) for i in range(count)})
+    return tasks, samples
 
 
 def _group_size(output: dict, group: str) -> int:

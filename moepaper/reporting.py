@@ -71,7 +71,7 @@ def load_results(out_dir: str | Path = RESULTS_DIR) -> pd.DataFrame:
 
     Columns: model, calibration, setting, criterion, b, alpha, beta, ratio, benchmark, label,
     task, metric, value, score (value x 100 for proportion metrics), stderr,
-    higher_is_better, n, status, note, suite, limit, date, path.
+    higher_is_better, n, status, note, suite, domain, limit, date, path.
     """
     rows = []
     for path in sorted(Path(out_dir).rglob("*.json")):
@@ -84,6 +84,7 @@ def load_results(out_dir: str | Path = RESULTS_DIR) -> pd.DataFrame:
                 **{k: record.get(k) for k in (
                     "model", "calibration", "setting", "criterion", "b", "alpha", "beta", "ratio", "benchmark",
                     "label", "task", "metric", "value", "stderr", "higher_is_better", "n", "status", "note", "suite",
+                    "domain",
                 )},
                 "limit": evaluation.get("limit"),
                 "date": (record.get("provenance") or {}).get("date"),
@@ -92,7 +93,7 @@ def load_results(out_dir: str | Path = RESULTS_DIR) -> pd.DataFrame:
         )
     columns = ["model", "calibration", "setting", "criterion", "b", "alpha", "beta", "ratio", "benchmark", "label",
                "task", "metric", "value", "score", "stderr", "higher_is_better", "n", "status", "note", "suite",
-               "limit", "date", "path"]
+               "domain", "limit", "date", "path"]
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=columns)
@@ -247,16 +248,40 @@ def gap_to_baseline(
     return gap
 
 
-def average_rank_summary(df: pd.DataFrame, *, model: str | None = None, benchmarks: Sequence[str] | None = None) -> pd.DataFrame:
-    """Average rank of every criterion (rows) in every (calibration, setting, ratio) (columns)."""
+def calibration_domain(calibration: str) -> str | None:
+    """The benchmark domain a task-specific calibration targets: ``embedded:code`` / ``code`` -> ``"code"``."""
+    name = str(calibration).split(":")[-1]
+    return name if name in ("code", "math", "literature") else None
+
+
+def matched_benchmarks(df: pd.DataFrame, calibration: str) -> list[str] | None:
+    """Benchmarks of the domain a task-specific calibration targets (None when it targets none)."""
+    domain = calibration_domain(calibration)
+    if domain is None or "domain" not in df:
+        return None
+    names = list(dict.fromkeys(df.loc[df["domain"] == domain, "benchmark"]))
+    return names or None
+
+
+def average_rank_summary(df: pd.DataFrame, *, model: str | None = None, benchmarks: Sequence[str] | None = None,
+                         matched_domain: bool = True) -> pd.DataFrame:
+    """Average rank of every criterion (rows) in every (setting, calibration, ratio) (columns).
+
+    With `matched_domain`, each task-specific calibration targeting a domain (code, math)
+    gets a second column ranked on that domain's benchmarks only (benchmarks "matched").
+    """
     pruned, _ = _select(df, model, None, None)
     columns = {}
     for (calibration, setting, ratio), _group in pruned.groupby(["calibration", "setting", "ratio"], sort=True):
         table = results_table(df, model=model, calibration=calibration, ratio=ratio, benchmarks=benchmarks)
-        columns[(setting, calibration, f"{ratio:.0%}")] = rank_table(table)[AVERAGE_RANK]
+        columns[(setting, calibration, "all", f"{ratio:.0%}")] = rank_table(table)[AVERAGE_RANK]
+        matched = matched_benchmarks(df, calibration) if matched_domain and setting == "task-specific" else None
+        if matched:
+            table = results_table(df, model=model, calibration=calibration, ratio=ratio, benchmarks=matched)
+            columns[(setting, calibration, "matched", f"{ratio:.0%}")] = rank_table(table)[AVERAGE_RANK]
     summary = pd.DataFrame(columns)
     summary = summary.reindex(criterion_order(summary.index))
-    summary.columns = pd.MultiIndex.from_tuples(summary.columns, names=["setting", "calibration", "pruned"])
+    summary.columns = pd.MultiIndex.from_tuples(summary.columns, names=["setting", "calibration", "benchmarks", "pruned"])
     summary.attrs["lower_is_better"] = list(summary.columns)
     return summary
 
@@ -345,21 +370,31 @@ def write_table(table: pd.DataFrame, name: str, out_dir: str | Path = FIGURES_DI
 
 
 def write_tables(df: pd.DataFrame, out_dir: str | Path = FIGURES_DIR, *, model: str | None = None) -> list[Path]:
-    """Every table of one model: results, ranks and gap per (calibration, ratio), and the rank summary."""
+    """Every table of one model under `out_dir` (Markdown and LaTeX).
+
+    Per (calibration, ratio): ``results__*`` (scores), ``ranks__*`` and ``gap__*`` (MAN and
+    MSAN against the strongest baseline); for task-specific calibrations also ``*__matched``
+    on the targeted domain's benchmarks; and ``average_rank__<model>``, the summary.
+    """
     from .results import slug
 
     pruned, _ = _select(df, model, None, None)
     model = model or pruned["model"].iloc[0]
     written = []
-    for (calibration, ratio), _group in pruned.groupby(["calibration", "ratio"], sort=True):
-        table = results_table(df, model=model, calibration=calibration, ratio=ratio)
-        stem = f"{slug(model)}__{slug(calibration)}__{ratio:g}"
-        written += write_table(table, f"results__{stem}", out_dir)
-        written += write_table(rank_table(table), f"ranks__{stem}", out_dir)
-        try:
-            written += write_table(gap_to_baseline(table), f"gap__{stem}", out_dir)
-        except ValueError:
-            pass
+    for (calibration, setting, ratio), _group in pruned.groupby(["calibration", "setting", "ratio"], sort=True):
+        variants = [("", None)]
+        matched = matched_benchmarks(df, calibration) if setting == "task-specific" else None
+        if matched:
+            variants.append(("__matched", matched))
+        for suffix, benchmarks in variants:
+            table = results_table(df, model=model, calibration=calibration, ratio=ratio, benchmarks=benchmarks)
+            stem = f"{slug(model)}__{slug(calibration)}__{ratio:g}{suffix}"
+            written += write_table(table, f"results__{stem}", out_dir)
+            written += write_table(rank_table(table), f"ranks__{stem}", out_dir, digits=2)
+            try:
+                written += write_table(gap_to_baseline(table), f"gap__{stem}", out_dir)
+            except ValueError:  # no baseline evaluated
+                pass
     summary = average_rank_summary(df, model=model)
     written += write_table(summary, f"average_rank__{slug(model)}", out_dir, digits=2)
     return written
@@ -616,3 +651,40 @@ def plot_frequency_vs_norm(stats: ExpertStatistics, *, ratio: float | None = 0.5
                  fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     return fig
+
+
+# ---------------------------------------------------------------- everything at once
+
+
+def write_report(
+    df: pd.DataFrame,
+    statistics: dict[str, ExpertStatistics] | None = None,
+    out_dir: str | Path = FIGURES_DIR,
+    *,
+    model: str | None = None,
+    overlap_ratio: float = 0.5,
+) -> list[Path]:
+    """Every table and figure of one model under `out_dir`.
+
+    df: `load_results` output. statistics: calibration name -> its `ExpertStatistics`
+    (figures from statistics: kept-set overlap at `overlap_ratio`, rank correlation,
+    frequency vs MAN). Figures from results: the grid heatmap per (calibration, ratio)
+    and score vs ratio per calibration.
+    """
+    from .results import slug
+
+    pruned, _ = _select(df, model, None, None)
+    model = model or pruned["model"].iloc[0]
+    written = write_tables(df, out_dir, model=model)
+    for calibration, group in pruned.groupby("calibration", sort=True):
+        for ratio in sorted(group["ratio"].unique()):
+            fig = plot_grid_heatmap(df, model=model, calibration=calibration, ratio=ratio)
+            written += save_figure(fig, f"grid_heatmap__{slug(model)}__{slug(calibration)}__{ratio:g}", out_dir)
+        fig = plot_score_vs_ratio(df, model=model, calibration=calibration)
+        written += save_figure(fig, f"score_vs_ratio__{slug(model)}__{slug(calibration)}", out_dir)
+    for calibration, stats in (statistics or {}).items():
+        stem = f"{slug(model)}__{slug(calibration)}"
+        written += save_figure(plot_kept_overlap(stats, ratio=overlap_ratio), f"kept_overlap__{stem}", out_dir)
+        written += save_figure(plot_rank_correlation(stats), f"rank_correlation__{stem}", out_dir)
+        written += save_figure(plot_frequency_vs_norm(stats, ratio=overlap_ratio), f"frequency_vs_norm__{stem}", out_dir)
+    return written

@@ -289,7 +289,7 @@ def sweep(
         for name in todo:  # the same kept experts make the same model: reuse its results
             source = evaluated.get((kept_key, name))
             if source is not None:
-                rows[name] = {k: source[k] for k in evaluation.RESULT_COLUMNS}
+                rows[name] = {k: source.get(k) for k in evaluation.RESULT_COLUMNS}
                 sources[name] = source["_path"]
         missing = [name for name in todo if name not in rows]
         if missing:
@@ -381,3 +381,127 @@ def _jsonable(value):
     if hasattr(value, "item"):
         return value.item()
     return value
+
+
+# ---------------------------------------------------------------- the embedded model's sweep
+
+STATISTICS_DIR = REPO_ROOT / "data" / "statistics"
+
+# calibration source -> setting, for the embedded model (moepaper.calibration sources)
+EMBEDDED_CALIBRATIONS = {
+    "embedded:mixed": TASK_AGNOSTIC,
+    "embedded:code": TASK_SPECIFIC,
+    "embedded:math": TASK_SPECIFIC,
+}
+
+
+def embedded_statistics(
+    model,
+    tokenizer,
+    source: str,
+    *,
+    n_sequences: int = 96,
+    seq_len: int = 512,
+    seed: int = 0,
+    statistics_dir: str | Path = STATISTICS_DIR / "embedded",
+    batch_size: int = 8,
+) -> tuple[ExpertStatistics, Path]:
+    """Statistics of `model` on one calibration source, loaded from `statistics_dir` if already collected there."""
+    from .calibration import calibration_batches, calibration_description
+    from .statistics import collect_statistics
+
+    description = calibration_description(source, n_sequences=n_sequences, seq_len=seq_len, seed=seed)
+    path = Path(statistics_dir) / f"{slug(source)}.safetensors"
+    if path.exists():
+        stats = ExpertStatistics.load(path)
+        if stats.metadata.get("calibration") == description:
+            return stats, path
+        log.info("recollecting %s: it holds %r, wanted %r", path, stats.metadata.get("calibration"), description)
+    batches = calibration_batches(source, tokenizer, n_sequences=n_sequences, seq_len=seq_len, seed=seed, batch_size=batch_size)
+    stats = collect_statistics(model, batches, calibration=description, model_name="embedded", progress=False)
+    stats.save(path)
+    return stats, path
+
+
+def run_embedded(
+    *,
+    calibrations: dict[str, str] | None = None,
+    criteria: str | Sequence | None = "named",
+    ratios: Sequence[float] = (0.25, 0.5),
+    suite: str = "local",
+    limit: int | float | None = None,
+    batch_size: int = 16,
+    n_sequences: int = 96,
+    seq_len: int = 512,
+    seed: int = 0,
+    out_dir: str | Path = RESULTS_DIR,
+    statistics_dir: str | Path = STATISTICS_DIR / "embedded",
+    figures_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """The embedded model's full sweep: statistics per calibration, criteria x ratios on `suite`, then tables and figures.
+
+    Returns timings (seconds) and the written paths. Resumable: statistics and result files
+    already on disk are reused.
+    """
+    from .embedded import load_embedded_model
+
+    started = time.time()
+    timings: dict[str, float] = {}
+    model, tokenizer = load_embedded_model()
+    timings["load"] = time.time() - started
+    statistics: dict[str, ExpertStatistics] = {}
+    paths: list[Path] = []
+    for source, setting in (calibrations or EMBEDDED_CALIBRATIONS).items():
+        t = time.time()
+        stats, stats_path = embedded_statistics(model, tokenizer, source, n_sequences=n_sequences, seq_len=seq_len, seed=seed,
+                                                statistics_dir=statistics_dir)
+        timings[f"statistics {source}"] = time.time() - t
+        statistics[source] = stats
+        t = time.time()
+        paths += sweep(model, tokenizer, stats, criteria=criteria, ratios=ratios, suite=suite, setting=setting,
+                       model_name="embedded", calibration=source, statistics_path=stats_path, out_dir=out_dir,
+                       limit=limit, batch_size=batch_size, seed=seed, progress=progress)
+        timings[f"sweep {source}"] = time.time() - t
+    written = []
+    if figures_dir is not None:
+        from .reporting import load_results, write_report
+
+        t = time.time()
+        written = write_report(load_results(out_dir), statistics, figures_dir, model="embedded")
+        timings["tables and figures"] = time.time() - t
+    timings["total"] = time.time() - started
+    return {"timings": timings, "results": paths, "written": written}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .reporting import FIGURES_DIR, average_rank_summary, load_results, to_markdown
+
+    parser = argparse.ArgumentParser(description="The embedded model's sweep: all named criteria + MoNE, "
+                                     "task-agnostic (mixed) and task-specific (code, math) calibration, local suite.")
+    parser.add_argument("--criteria", default="named", help="'named' (default), 'grid', or comma-separated names")
+    parser.add_argument("--ratios", default="0.25,0.5")
+    parser.add_argument("--suite", default="local")
+    parser.add_argument("--limit", type=float, default=None, help="items per task (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--n-sequences", type=int, default=96)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--statistics-dir", type=Path, default=STATISTICS_DIR / "embedded")
+    parser.add_argument("--figures-dir", type=Path, default=FIGURES_DIR)
+    args = parser.parse_args(argv)
+    criteria = args.criteria if args.criteria in ("named", "grid") else args.criteria.split(",")
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    report = run_embedded(criteria=criteria, ratios=[float(r) for r in args.ratios.split(",")], suite=args.suite,
+                          limit=limit, batch_size=args.batch_size, n_sequences=args.n_sequences, seq_len=args.seq_len,
+                          out_dir=args.out_dir, statistics_dir=args.statistics_dir, figures_dir=args.figures_dir)
+    for name, seconds in report["timings"].items():
+        print(f"{name:>32}: {seconds:7.1f} s")
+    print(to_markdown(average_rank_summary(load_results(args.out_dir), model="embedded"), digits=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

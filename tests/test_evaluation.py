@@ -100,6 +100,16 @@ def test_evaluate_returns_one_row_per_benchmark(tiny, tokenizer, task_suite):
     assert ppl["metric"] == "bits_per_byte,none" and ppl["value"] > 0 and not ppl["higher_is_better"]
 
 
+def test_limit_takes_items_spread_through_each_task(task_suite):
+    from moepaper.evaluation import _spread_items, task_manager
+
+    manager = task_manager(task_suite.include_path, task_suite.include_defaults)
+    tasks, samples = _spread_items(manager, ["t_mc", "t_ppl"], 3)
+    assert [t.task_name for t in tasks] == ["t_mc", "t_ppl"]
+    assert samples == {"t_mc": [0, 2, 4], "t_ppl": [0, 2, 4]}  # 6 items, 3 evenly spaced
+    assert _spread_items(manager, ["t_mc"], 50)[1] == {"t_mc": [0, 1, 2, 3, 4, 5]}  # never more than the task has
+
+
 def test_masked_model_scores_differ_from_unpruned(tiny, tokenizer, task_suite, tiny_stats):
     """Evaluation sees the mask: removing half the experts changes the model's bits per byte."""
     from moepaper.criteria import expert_scores

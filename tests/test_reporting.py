@@ -48,6 +48,7 @@ def _write(out, criterion, ratio, calibration, values, setting="task-agnostic"):
             "benchmark": name, "label": name.upper(), "task": name, "metric": metric, "value": value,
             "stderr": None, "higher_is_better": higher, "n": 10, "status": "ok" if value is not None else "not run",
             "note": "" if value is not None else "not in lm-eval", "suite": "toy", "evaluation": {"limit": None},
+            "domain": "code" if name == "b1" else "text",
             "provenance": {"date": "2026-01-01T00:00:00+00:00"},
         }
         write_json_atomic(result_path(out, "toy", calibration, criterion, ratio, name), record)
@@ -118,10 +119,19 @@ def test_markdown_and_latex(results):
 def test_average_rank_summary_and_written_tables(results, tmp_path):
     summary = average_rank_summary(results, model="toy")
     assert summary.shape == (4, 2)
-    assert summary.loc["man", ("task-agnostic", "c", "50%")] == pytest.approx((1.5 + 4 + 1) / 3)
+    assert summary.loc["man", ("task-agnostic", "c", "all", "50%")] == pytest.approx((1.5 + 4 + 1) / 3)
     written = write_tables(results, tmp_path / "tables")
     names = {p.name for p in written}
     assert {"results__toy__c__0.5.md", "ranks__toy__c__0.25.tex", "gap__toy__c__0.5.md", "average_rank__toy.md"} <= names
+
+
+def test_task_specific_calibration_also_ranked_on_its_domain(tmp_path):
+    for criterion, values in VALUES.items():
+        _write(tmp_path, criterion, 0.5, "embedded:code", values, setting="task-specific")
+    summary = average_rank_summary(load_results(tmp_path), model="toy")
+    assert list(summary.columns) == [("task-specific", "embedded:code", "all", "50%"), ("task-specific", "embedded:code", "matched", "50%")]
+    matched = summary[("task-specific", "embedded:code", "matched", "50%")]  # b1 only: man and msan tie first
+    assert list(matched[["man", "msan", "frequency", "reap"]]) == [1.5, 1.5, 3.0, 4.0]
 
 
 # ---------------------------------------------------------------- figures
