@@ -15,6 +15,8 @@ from .calibration import CalibrationDataUnavailable, calibration_batches
 from .evaluation import evaluate, get_suite
 from .results import sweep
 from .reporting import load_results, rank_table, results_table
+from .models import PAPER_MODELS, load_model
+from .damage import damage_correlation, expert_damage
 
 __all__ = [
     "MoELayer",
@@ -41,5 +43,9 @@ __all__ = [
     "load_results",
     "rank_table",
     "results_table",
+    "PAPER_MODELS",
+    "load_model",
+    "damage_correlation",
+    "expert_damage",
     "__version__",
 ]

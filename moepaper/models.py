@@ -1,0 +1,156 @@
+"""One way to name a model everywhere (notebooks, scripts, tests): `load_model(spec)`.
+
+A spec is one of
+- ``"embedded"``: the embedded default model (`moepaper.embedded.load_embedded_model`), offline.
+- ``"tiny:<family>"``: a tiny random-initialised model of a supported family
+  (`moepaper.tiny.tiny_model`, e.g. ``"tiny:qwen3_moe"``) with `tiny_tokenizer`, a
+  character-level tokenizer that fits its 128-token vocabulary. For tests and the
+  notebooks' CI parameter set: seconds, nothing downloaded, numbers meaningless.
+- a key of `PAPER_MODELS` (``"olmoe"``, ``"deepseek_v2_lite"``, ``"ernie"``, ``"qwen3"``): the
+  paper's checkpoint of that model.
+- anything else: a Hugging Face hub id or a local path, loaded with ``AutoModelForCausalLM``
+  and ``AutoTokenizer``. Offline (``HF_HUB_OFFLINE=1``) a hub id that is not in the local
+  cache raises `ModelNotAvailable` at once, naming the command that downloads it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+# The paper's four models (HF ids from the authors' earlier code; see ../shared/PAPER.md).
+PAPER_MODELS: dict[str, str] = {
+    "olmoe": "allenai/OLMoE-1B-7B-0125-Instruct",
+    "deepseek_v2_lite": "deepseek-ai/DeepSeek-V2-Lite-Chat",
+    "ernie": "baidu/ERNIE-4.5-21B-A3B-PT",
+    "qwen3": "Qwen/Qwen3-30B-A3B-Instruct-2507",
+}
+
+EMBEDDED = "embedded"
+TINY_PREFIX = "tiny:"
+
+# Special tokens of the tiny tokenizer, at the ids `moepaper.tiny` configs use.
+TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
+
+
+class ModelNotAvailable(OSError):
+    """The model named by a spec cannot be loaded here (offline and not cached, or no such path)."""
+
+
+def _offline() -> bool:
+    truthy = {"1", "true", "yes", "on"}
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in truthy
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    """A torch dtype from a dtype, its name ("bfloat16", "torch.float16") or None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16'")
+    return value
+
+
+def _place(model, device_map):
+    """Put an in-memory (tiny or embedded) model on one device: None / "cpu" / "cuda" / "auto"."""
+    if device_map is None:
+        return model
+    if device_map == "auto":
+        device_map = "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device_map, (str, torch.device)):
+        raise ValueError(f"device_map {device_map!r}: tiny and embedded models take one device ('cpu', 'cuda', 'auto')")
+    return model.to(device_map)
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A character-level tokenizer for tiny models, built offline.
+
+    Ids: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3 (what `moepaper.tiny` configs use),
+    then newline, tab and printable ASCII: 101 tokens, any other character is ``<unk>``.
+    Decoding joins the characters back into the text.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = ["\n", "\t"] + [chr(c) for c in range(32, 127)]
+    tokens = list(TINY_SPECIAL_TOKENS) + characters
+    if len(tokens) > vocab_size:
+        raise ValueError(f"the tiny tokenizer has {len(tokens)} tokens, more than vocab_size={vocab_size}")
+    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _load_tiny(family: str, dtype, device_map):
+    from .tiny import FAMILIES, tiny_model
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r} in model spec {TINY_PREFIX + family!r}; known: {', '.join(FAMILIES)}")
+    model = tiny_model(family, dtype=dtype or torch.float32)
+    model.config._name_or_path = TINY_PREFIX + family  # names the model in statistics metadata
+    return _place(model, device_map), tiny_tokenizer(model.config.vocab_size)
+
+
+def _load_embedded(dtype, device_map):
+    from .embedded import load_embedded_model
+
+    model, tokenizer = load_embedded_model(dtype=dtype or torch.float32)
+    return _place(model, device_map), tokenizer
+
+
+def _check_available(name: str) -> None:
+    """Raise ModelNotAvailable when offline and `name` is neither a local folder nor in the hub cache."""
+    if Path(name).expanduser().exists():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelNotAvailable(f"no model at {name!r}: the path does not exist")
+    if not _offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    raise ModelNotAvailable(
+        f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it. "
+        f"On a machine with network run `hf download {name}` (or unset HF_HUB_OFFLINE here), "
+        f"or use model='embedded' (offline) or a tiny model ('tiny:qwen3_moe')."
+    )
+
+
+def resolve_model_name(spec: str) -> str:
+    """The HF id or path a spec names: PAPER_MODELS keys map to their ids; anything else is itself."""
+    return PAPER_MODELS.get(spec, spec)
+
+
+def load_model(spec: str, *, dtype=None, device_map=None):
+    """Return ``(model, tokenizer)`` for a model spec (see the module docstring), model in eval mode.
+
+    dtype: a torch dtype or its name; None means float32 for tiny and embedded models and the
+        checkpoint's own dtype (``"auto"``) for hub models.
+    device_map: passed to ``from_pretrained`` for hub models (``"auto"`` spreads a model over the
+        GPUs with accelerate); tiny and embedded models take one device (``"cpu"``, ``"cuda"``,
+        ``"auto"`` = cuda when available). None leaves the model on the CPU.
+    """
+    spec = str(spec).strip()
+    dtype = _dtype(dtype)
+    if spec == EMBEDDED:
+        return _load_embedded(dtype, device_map)
+    if spec.startswith(TINY_PREFIX):
+        return _load_tiny(spec[len(TINY_PREFIX):], dtype, device_map)
+    name = resolve_model_name(spec)
+    _check_available(name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"dtype": dtype or "auto"}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    return model.eval(), tokenizer
