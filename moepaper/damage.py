@@ -288,7 +288,7 @@ def corpus_batches(
     buffer: list[int] = []
     windows: list[list[int]] = []
     for text in documents:
-        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else []))
+        buffer.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + ([eos] if eos is not None else []))
         while len(buffer) >= seq_len and len(windows) < n_sequences:
             windows.append(buffer[:seq_len])
             del buffer[:seq_len]
