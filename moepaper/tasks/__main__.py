@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         n = output["n-samples"][task]["effective"]
         metric = "acc,none" if task in MC_TASKS else "bits_per_byte,none"
         stderr = result.get(metric.replace(",", "_stderr,"), float("nan"))
-        stderr = stderr if isinstance(stderr, float) else float("nan")
+        stderr = stderr if isinstance(stderr, float) and stderr == stderr else None  # "N/A" for rolling tasks
         chance = CHANCE.get(task)
         rows[task] = {"items": n, "metric": metric, "value": result[metric], "stderr": stderr, "chance": chance}
         if task in MC_TASKS:
             rows[task]["acc_norm"] = result["acc_norm,none"]
-        print(f"{task:34} {n:5d} {metric:>14} {result[metric]:7.3f} {stderr:7.3f} {chance if chance else '':>6}")
+        print(f"{task:34} {n:5d} {metric:>14} {result[metric]:7.3f} {stderr if stderr is None else round(stderr, 3)!s:>7} {chance if chance else '':>6}")
     if args.output:
         with open(args.output, "w") as f:
             json.dump(rows, f, indent=1)
