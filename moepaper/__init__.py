@@ -8,6 +8,7 @@ experts are pruned structurally or masked; lm-eval evaluates the result.
 __version__ = "0.1.0"
 
 from .architecture import MoELayer, UnsupportedModelError, find_moe_layers
+from .embedded import load_embedded_model
 from .statistics import ExpertStatistics, NonFiniteActivationError, StatisticsMismatchError, collect_statistics
 from .criteria import CRITERIA, Criterion, criterion_grid, expert_scores, mone_scores
 from .pruning import mask_experts, prune_experts, save_pruned, select_experts
@@ -47,5 +48,6 @@ __all__ = [
     "load_model",
     "damage_correlation",
     "expert_damage",
+    "load_embedded_model",
     "__version__",
 ]

@@ -1,0 +1,168 @@
+"""The embedded corpus, tokenizer, model and offline lm-eval suite (issue 5)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+
+import pytest
+import torch
+
+from moepaper import corpus, load_embedded_model
+from moepaper.embedded import EMBEDDED_MODEL_DIR
+from moepaper.tasks import CHANCE, LOCAL_GROUP, LOCAL_TASKS, MC_TASKS, PPL_TASKS, TASKS_DIR, task_manager
+from moepaper.tasks.local import loaders
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_embedded_model()
+
+
+# ---------------------------------------------------------------- corpus
+
+
+@pytest.mark.parametrize("domain", corpus.DOMAINS)
+def test_splits_are_disjoint_and_non_empty(domain):
+    records = {split: corpus.read_records(domain, split) for split in corpus.SPLITS}
+    for split, rows in records.items():
+        assert len(rows) >= 50, f"{domain}/{split} has only {len(rows)} documents"
+    for i, a in enumerate(corpus.SPLITS):
+        for b in corpus.SPLITS[i + 1 :]:
+            assert not {r["text"] for r in records[a]} & {r["text"] for r in records[b]}, (domain, a, b)
+            if domain == "math":  # every problem text (without its answer) belongs to one split only
+                problems = [{line.rpartition(" ")[0] for r in records[s] for line in r["text"].split("\n")}
+                            for s in (a, b)]
+                assert not problems[0] & problems[1], (a, b)
+            else:  # a Shakespeare work or a stdlib file lies wholly in one split
+                assert not {r["source"] for r in records[a]} & {r["source"] for r in records[b]}, (domain, a, b)
+
+
+def test_math_answers_are_correct():
+    pattern = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)$")
+    checked = 0
+    for split in corpus.SPLITS:
+        for text in corpus.read_split("math", split)[:200]:
+            for line in text.split("\n"):
+                match = pattern.match(line)
+                if match:
+                    a, op, b, result = match.groups()
+                    assert eval(f"{a} {op} {b}") == int(result), line  # noqa: S307 (digits and one operator)
+                    checked += 1
+    assert checked > 1000
+
+
+def test_read_split_names_the_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "CORPUS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"code.*test\.jsonl.*python -m moepaper\.corpus"):
+        corpus.read_split("code", "test")
+    with pytest.raises(ValueError, match="unknown domain"):
+        corpus.corpus_path("poetry", "test")
+
+
+# ---------------------------------------------------------------- tokenizer and model
+
+
+@pytest.mark.parametrize("domain", corpus.DOMAINS)
+def test_tokenizer_round_trips_every_domain(embedded, domain):
+    _, tokenizer = embedded
+    documents = corpus.read_split(domain, "test")[:20]
+    for text in documents:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+    # a trained BPE, not a byte fallback: well under one token per byte
+    n_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in documents)
+    assert n_tokens < 0.6 * sum(len(t.encode()) for t in documents)
+
+
+def test_checkpoint_loads_in_stock_transformers():
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+    assert isinstance(model, Qwen3MoeForCausalLM)
+    assert model.config.num_experts == 16 and model.config.num_experts_per_tok == 2
+    assert len(tokenizer) == model.config.vocab_size
+    size = sum(f.stat().st_size for f in EMBEDDED_MODEL_DIR.glob("*.safetensors"))
+    assert size <= 25e6
+
+
+def test_load_embedded_model_is_fast_and_trained():
+    start = time.perf_counter()
+    model, tokenizer = load_embedded_model()
+    assert time.perf_counter() - start < 10
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    # a trained model: held-out loss far below an untrained one (ln V nats per token)
+    for domain in corpus.DOMAINS:
+        text = "\n".join(corpus.read_split(domain, "test")[50:53])
+        ids = torch.tensor([[tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"][:400]]])
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss.item()
+        assert loss < 0.7 * math.log(len(tokenizer)), (domain, loss)
+
+
+def test_load_embedded_model_names_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config\.json.*python -m moepaper\.train_embedded"):
+        load_embedded_model(path=tmp_path)
+
+
+def test_routing_differs_between_domains(embedded):
+    from moepaper.train_embedded import score_documents, specialisation_summary
+
+    model, tokenizer = embedded
+    counts = {d: score_documents(model, tokenizer, corpus.read_split(d, "test")[:6], 512)[1] for d in corpus.DOMAINS}
+    summary = specialisation_summary(counts)
+    # Jensen-Shannon divergence among the domains' expert distributions, per layer (0 = same routing)
+    assert max(summary["js_between_domains_bits"]) > 0.1
+    recorded = json.loads((EMBEDDED_MODEL_DIR / "routing.json").read_text())
+    assert len(recorded["js_between_domains_bits"]) == model.config.num_hidden_layers
+
+
+# ---------------------------------------------------------------- local lm-eval suite
+
+
+def test_task_data_files():
+    assert len(LOCAL_TASKS) == 6 and set(CHANCE) == set(MC_TASKS)
+    for task in LOCAL_TASKS:
+        name = task.removeprefix("moepaper_local_")
+        rows = getattr(loaders, name)()["test"]
+        assert len(rows) >= 200, task
+        if task in MC_TASKS:
+            for row in rows:
+                assert len(row["choices"]) == 4 and len(set(row["choices"])) == 4
+                assert 0 <= row["gold"] < 4
+            # the gold position is shuffled, so always answering one position gives about chance
+            positions = [row["gold"] for row in rows]
+            assert max(positions.count(i) for i in range(4)) < 0.4 * len(rows)
+    math_rows = loaders.math_mc()["test"]
+    for row in math_rows.select(range(50)):  # gold is the correct answer of an arithmetic prompt
+        prompt = row["context"].split("\n")[-1]
+        match = re.match(r"^(\d+) ([-+*/]) (\d+) =$", prompt)
+        if match:
+            assert eval(prompt.rstrip("=")) == int(row["choices"][row["gold"]])  # noqa: S307
+
+
+def test_lm_eval_runs_local_suite_offline(embedded, tmp_path, monkeypatch):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # the task data must not depend on the current directory
+    model, tokenizer = embedded
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=8)
+    output = lm_eval.simple_evaluate(model=lm, tasks=[LOCAL_GROUP], task_manager=task_manager(), limit=3)
+    results = output["results"]
+    assert set(LOCAL_TASKS) <= set(results)
+    from moepaper.train_embedded import score_documents
+
+    for task in PPL_TASKS:  # lm-eval's rolling loglikelihood matches the training script's scoring
+        documents = getattr(loaders, task.removeprefix("moepaper_local_"))()["test"]["text"][:3]
+        expected = score_documents(model, tokenizer, documents, model.config.max_position_embeddings)[0]
+        assert results[task]["bits_per_byte,none"] == pytest.approx(expected["bits_per_byte"], rel=1e-3), task
+    for task in MC_TASKS:
+        assert 0.0 <= results[task]["acc,none"] <= 1.0
+        assert output["n-samples"][task]["effective"] == 3
+    assert str(TASKS_DIR).endswith("moepaper/tasks/local")
