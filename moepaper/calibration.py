@@ -217,7 +217,7 @@ def calibration_sequences(source: str, tokenizer, *, n_sequences: int, seq_len: 
     buffer: list[int] = []
     produced = 0
     for text in calibration_texts(source, tokenizer, seed=seed):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long documents are fine: they are cut
         buffer.extend(ids + [eos] if eos is not None and not chat else ids)
         while len(buffer) >= seq_len and produced < n_sequences:
             sequences[produced] = torch.tensor(buffer[:seq_len])

@@ -231,7 +231,7 @@ def evaluate(
     tokenizer,
     suite: str | Suite = "local",
     *,
-    limit: int | float | None = None,
+    limit: int | float | dict | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     backend: str = "hf",
     allow_code_execution: bool = False,
@@ -249,8 +249,9 @@ def evaluate(
         checkpoint path (``"hf"`` or ``"vllm"``).
     tokenizer: its tokenizer (object or path).
     suite: ``"paper"``, ``"local"``, ``"smoke"`` or a `Suite`.
-    limit: items per task (an int, or a fraction < 1); None: the suite's default (all, or
-        `SMOKE_LIMIT` for ``smoke``).
+    limit: items per task: an int, a fraction < 1, or a dict giving an int per benchmark
+        name or per name suffix (``{"ppl": 30, "mc": 80}``; benchmarks not named: all
+        items); None: the suite's default (all, or `SMOKE_LIMIT` for ``smoke``).
     spread: with an int `limit`, evaluate `limit` items evenly spaced through each task
         (lm-eval's ``samples``) rather than lm-eval's first `limit` items, which in a split
         ordered by source cover only its first sources. Groups (MMLU) take the first items.
@@ -293,7 +294,13 @@ def evaluate(
         started = time.time()
         with _quiet(quiet):
             tasks, samples = [b.task for b in runnable], None
-            if spread and isinstance(limit, int) and not isinstance(limit, bool):
+            if isinstance(limit, dict):
+                limits = {b.task: benchmark_limit(b.name, limit) for b in runnable}
+                tasks, samples = _spread_items(manager, tasks, limits)
+                if samples is None:
+                    raise ValueError("a per-benchmark limit needs leaf tasks (not groups such as mmlu)")
+                limit = None
+            elif spread and isinstance(limit, int) and not isinstance(limit, bool):
                 tasks, samples = _spread_items(manager, tasks, limit)
                 limit = None if samples is not None else limit
             output = lm_eval.simple_evaluate(
@@ -337,8 +344,19 @@ def evaluate(
     return pd.DataFrame([rows[b.name] for b in chosen], columns=RESULT_COLUMNS)
 
 
-def _spread_items(manager, names: list[str], limit: int):
-    """Loaded tasks and `limit` evenly spaced item indices per task, or (names, None) for groups."""
+def benchmark_limit(name: str, limit: dict) -> int | None:
+    """The item limit of benchmark `name` in a per-benchmark `limit` dict: by full name, else by suffix."""
+    if name in limit:
+        return limit[name]
+    for key, value in limit.items():
+        if name.endswith(f"_{key}"):
+            return value
+    return None
+
+
+def _spread_items(manager, names: list[str], limit: int | dict):
+    """Loaded tasks and evenly spaced item indices per task (`limit` an int, or task -> int / None),
+    or (names, None) when a name is a group."""
     loaded = manager.load(names)
     if loaded["groups"]:
         return names, None
@@ -346,7 +364,8 @@ def _spread_items(manager, names: list[str], limit: int):
     samples = {}
     for task in tasks:
         size = len(task.eval_docs)
-        count = min(limit, size)
+        wanted = limit.get(task.task_name) if isinstance(limit, dict) else limit
+        count = size if wanted is None else min(wanted, size)
         samples[task.task_name] = sorted({int(i * size / count) for i in range(count)})
     return tasks, samples
 

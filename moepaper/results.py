@@ -183,8 +183,10 @@ class Entry:
         return self.name == UNPRUNED
 
 
-def _settings_fingerprint(suite: evaluation.Suite, limit, seed: int, backend: str, apply_chat_template: bool) -> dict:
+def _settings_fingerprint(suite: evaluation.Suite, limit, seed: int, backend: str, apply_chat_template: bool,
+                          model_id: str | None) -> dict:
     return {
+        "model_id": model_id,
         "suite": suite.name,
         "limit": suite.limit if limit is None else limit,
         "num_fewshot": suite.num_fewshot,
@@ -213,6 +215,7 @@ def sweep(
     suite: str | evaluation.Suite = "local",
     setting: str = TASK_AGNOSTIC,
     model_name: str | None = None,
+    model_id: str | None = None,
     calibration: str | None = None,
     statistics_path: str | Path | None = None,
     out_dir: str | Path = RESULTS_DIR,
@@ -237,6 +240,8 @@ def sweep(
     suite: evaluation suite (`moepaper.evaluation.get_suite`).
     setting: ``"task-agnostic"`` or ``"task-specific"``, stored with every result.
     model_name: name of the model in paths and tables (default: `config._name_or_path`'s last part).
+    model_id: what identifies the weights (a checkpoint hash or revision), stored with every
+        result; results of another model_id are not reused but recomputed.
     calibration: name of the calibration data (default: ``stats.metadata["calibration"]``).
     out_dir: results root (default ``data/results``).
     limit, batch_size, seed, allow_code_execution, apply_chat_template: passed to `evaluate`.
@@ -249,6 +254,10 @@ def sweep(
     An (entry, benchmark) whose file holds an "ok" result with the same evaluation settings
     and statistics hash is skipped; one with other settings is recomputed and overwritten.
     Returns the paths of every result file of the sweep (written or already there).
+
+    The sweep evaluates in memory with lm-eval's HF backend (masking needs the loaded model).
+    For vLLM, prune a fresh copy per entry (`prune_experts` + `save_pruned`) and call
+    ``evaluate(path, None, suite, backend="vllm")`` on the saved checkpoint.
     """
     from tqdm.auto import tqdm
 
@@ -261,7 +270,7 @@ def sweep(
     model_name = model_name or Path(str(getattr(model.config, "_name_or_path", "") or type(model).__name__)).name
     calibration = calibration or stats.metadata.get("calibration") or "unknown"
     stats_hash = statistics_hash(stats, statistics_path)
-    settings = _settings_fingerprint(suite, limit, seed, "hf", apply_chat_template)
+    settings = _settings_fingerprint(suite, limit, seed, "hf", apply_chat_template, model_id)
     layers = find_moe_layers(model)
     stats.check_model(model)
 
@@ -400,13 +409,15 @@ def embedded_statistics(
     tokenizer,
     source: str,
     *,
-    n_sequences: int = 96,
+    n_sequences: int = 80,
     seq_len: int = 512,
     seed: int = 0,
+    model_id: str | None = None,
     statistics_dir: str | Path = STATISTICS_DIR / "embedded",
     batch_size: int = 8,
 ) -> tuple[ExpertStatistics, Path]:
-    """Statistics of `model` on one calibration source, loaded from `statistics_dir` if already collected there."""
+    """Statistics of `model` on one calibration source, loaded from `statistics_dir` if collected there
+    with the same calibration and `model_id` (the checkpoint's hash), else collected and saved."""
     from .calibration import calibration_batches, calibration_description
     from .statistics import collect_statistics
 
@@ -414,13 +425,21 @@ def embedded_statistics(
     path = Path(statistics_dir) / f"{slug(source)}.safetensors"
     if path.exists():
         stats = ExpertStatistics.load(path)
-        if stats.metadata.get("calibration") == description:
+        meta = stats.metadata
+        if meta.get("calibration") == description and meta.get("model_id") == model_id:
             return stats, path
-        log.info("recollecting %s: it holds %r, wanted %r", path, stats.metadata.get("calibration"), description)
+        log.info("recollecting %s: it holds %r of model %s", path, meta.get("calibration"), meta.get("model_id"))
     batches = calibration_batches(source, tokenizer, n_sequences=n_sequences, seq_len=seq_len, seed=seed, batch_size=batch_size)
     stats = collect_statistics(model, batches, calibration=description, model_name="embedded", progress=False)
+    stats.metadata["model_id"] = model_id
     stats.save(path)
     return stats, path
+
+
+# Items per local task in the embedded sweep: 30 of ~250 held-out documents (bits per byte is
+# a per-token average, stable on ~8k tokens) and 80 of 240-300 multiple-choice items, so the
+# 3 calibrations x 9 criteria x 2 ratios fit 15 minutes on 2 shared CPU cores. None: all.
+EMBEDDED_LIMIT = {"ppl": 30, "mc": 80}
 
 
 def run_embedded(
@@ -429,11 +448,12 @@ def run_embedded(
     criteria: str | Sequence | None = "named",
     ratios: Sequence[float] = (0.25, 0.5),
     suite: str = "local",
-    limit: int | float | None = None,
-    batch_size: int = 16,
-    n_sequences: int = 96,
+    limit: int | float | dict | None = EMBEDDED_LIMIT,
+    batch_size: int = 32,
+    n_sequences: int = 80,
     seq_len: int = 512,
     seed: int = 0,
+    threads: int | None = 1,
     out_dir: str | Path = RESULTS_DIR,
     statistics_dir: str | Path = STATISTICS_DIR / "embedded",
     figures_dir: str | Path | None = None,
@@ -441,27 +461,32 @@ def run_embedded(
 ) -> dict:
     """The embedded model's full sweep: statistics per calibration, criteria x ratios on `suite`, then tables and figures.
 
-    Returns timings (seconds) and the written paths. Resumable: statistics and result files
-    already on disk are reused.
+    threads: torch CPU threads (None: leave as is). One thread is the default: on a shared
+    2-core machine two threads oversubscribe the cores and ran 2-10x slower here.
+    Returns timings (seconds), the result paths and the written tables and figures.
+    Resumable: statistics and result files of the same checkpoint already on disk are reused.
     """
-    from .embedded import load_embedded_model
+    from .embedded import EMBEDDED_MODEL_DIR, load_embedded_model
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     started = time.time()
     timings: dict[str, float] = {}
     model, tokenizer = load_embedded_model()
+    model_id = "sha256:" + file_hash(Path(EMBEDDED_MODEL_DIR) / "model.safetensors")
     timings["load"] = time.time() - started
     statistics: dict[str, ExpertStatistics] = {}
     paths: list[Path] = []
     for source, setting in (calibrations or EMBEDDED_CALIBRATIONS).items():
         t = time.time()
         stats, stats_path = embedded_statistics(model, tokenizer, source, n_sequences=n_sequences, seq_len=seq_len, seed=seed,
-                                                statistics_dir=statistics_dir)
+                                                model_id=model_id, statistics_dir=statistics_dir)
         timings[f"statistics {source}"] = time.time() - t
         statistics[source] = stats
         t = time.time()
         paths += sweep(model, tokenizer, stats, criteria=criteria, ratios=ratios, suite=suite, setting=setting,
-                       model_name="embedded", calibration=source, statistics_path=stats_path, out_dir=out_dir,
-                       limit=limit, batch_size=batch_size, seed=seed, progress=progress)
+                       model_name="embedded", model_id=model_id, calibration=source, statistics_path=stats_path,
+                       out_dir=out_dir, limit=limit, batch_size=batch_size, seed=seed, progress=progress)
         timings[f"sweep {source}"] = time.time() - t
     written = []
     if figures_dir is not None:
@@ -471,7 +496,17 @@ def run_embedded(
         written = write_report(load_results(out_dir), statistics, figures_dir, model="embedded")
         timings["tables and figures"] = time.time() - t
     timings["total"] = time.time() - started
-    return {"timings": timings, "results": paths, "written": written}
+    return {"timings": timings, "results": paths, "written": written, "model_id": model_id}
+
+
+def _parse_limit(text: str):
+    """'all' -> None, '50' -> 50, '0.2' -> 0.2, 'ppl=30,mc=80' -> {"ppl": 30, "mc": 80}."""
+    if text in ("all", "none", ""):
+        return None
+    if "=" in text:
+        return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
+    value = float(text)
+    return int(value) if value >= 1 else value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -484,18 +519,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--criteria", default="named", help="'named' (default), 'grid', or comma-separated names")
     parser.add_argument("--ratios", default="0.25,0.5")
     parser.add_argument("--suite", default="local")
-    parser.add_argument("--limit", type=float, default=None, help="items per task (default: all)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--n-sequences", type=int, default=96)
+    parser.add_argument("--limit", default=",".join(f"{k}={v}" for k, v in EMBEDDED_LIMIT.items()),
+                        help="items per task: 'all', a number, or per benchmark suffix 'ppl=30,mc=80' (the default)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: leave torch's default)")
+    parser.add_argument("--n-sequences", type=int, default=80)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--statistics-dir", type=Path, default=STATISTICS_DIR / "embedded")
     parser.add_argument("--figures-dir", type=Path, default=FIGURES_DIR)
     args = parser.parse_args(argv)
     criteria = args.criteria if args.criteria in ("named", "grid") else args.criteria.split(",")
-    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    limit = _parse_limit(args.limit)
     report = run_embedded(criteria=criteria, ratios=[float(r) for r in args.ratios.split(",")], suite=args.suite,
                           limit=limit, batch_size=args.batch_size, n_sequences=args.n_sequences, seq_len=args.seq_len,
+                          threads=args.threads or None,
                           out_dir=args.out_dir, statistics_dir=args.statistics_dir, figures_dir=args.figures_dir)
     for name, seconds in report["timings"].items():
         print(f"{name:>32}: {seconds:7.1f} s")

@@ -108,6 +108,16 @@ def test_limit_takes_items_spread_through_each_task(task_suite):
     assert [t.task_name for t in tasks] == ["t_mc", "t_ppl"]
     assert samples == {"t_mc": [0, 2, 4], "t_ppl": [0, 2, 4]}  # 6 items, 3 evenly spaced
     assert _spread_items(manager, ["t_mc"], 50)[1] == {"t_mc": [0, 1, 2, 3, 4, 5]}  # never more than the task has
+    assert _spread_items(manager, ["t_mc", "t_ppl"], {"t_mc": 2, "t_ppl": None})[1] == {"t_mc": [0, 3], "t_ppl": list(range(6))}
+
+
+def test_per_benchmark_limit(tiny, tokenizer, task_suite):
+    from moepaper.evaluation import benchmark_limit
+
+    assert benchmark_limit("code_ppl", {"ppl": 30, "mc": 80}) == 30
+    assert benchmark_limit("code_ppl", {"code_ppl": 5, "ppl": 30}) == 5 and benchmark_limit("t_gen", {"ppl": 1}) is None
+    frame = evaluate(tiny, tokenizer, task_suite, limit={"t_mc": 2, "ppl": 3}, benchmarks=["t_mc", "t_ppl"])
+    assert list(frame["n"]) == [2, 3]
 
 
 def test_masked_model_scores_differ_from_unpruned(tiny, tokenizer, task_suite, tiny_stats):
