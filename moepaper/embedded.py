@@ -10,9 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .corpus import REPO_ROOT
-
-EMBEDDED_MODEL_DIR = REPO_ROOT / "data" / "models" / "embedded"
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "models" / "embedded"
 
 REGENERATE = "python -m moepaper.corpus && python -m moepaper.train_embedded"
 

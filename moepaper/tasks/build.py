@@ -26,6 +26,7 @@ Each item is ``{"context", "choices", "gold"}``; the gold position is shuffled b
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
@@ -177,6 +178,12 @@ def build_local_tasks(seed: int = 0) -> dict[str, int]:
     return written
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the local lm-eval task data from the corpus test split.")
+    parser.add_argument("--seed", type=int, default=0)
+    build_local_tasks(seed=parser.parse_args(argv).seed)
+    return 0
+
+
 if __name__ == "__main__":
-    build_local_tasks(seed=int(sys.argv[1]) if len(sys.argv) > 1 else 0)
-    sys.exit(0)
+    sys.exit(main())
