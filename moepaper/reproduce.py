@@ -75,6 +75,7 @@ def _configs() -> dict[str, RunConfig]:
             statistics_dir=REPO_ROOT / "data" / "statistics",
             results_dir=REPO_ROOT / "data" / "results",
             figures_dir=REPO_ROOT / "figures",
+            science=dict(figures_dir="figures"),
         ),
         "paper": RunConfig(
             name="paper",
