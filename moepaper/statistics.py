@@ -34,7 +34,6 @@ from .architecture import ROUTER_SCORE_FUNCTION, MoELayer, find_moe_layers
 
 GATES = ("routing_weight", "router_probability")
 _POWERS = (0, 1, 2)
-_CHUNK = 16384  # (token, expert) pairs per float64 accumulation step
 
 
 class NonFiniteActivationError(FloatingPointError):
@@ -260,11 +259,13 @@ class _Recorder:
         # row a*3+b holds g^a ||f||^b; padding pairs contribute 0 (w = 0)
         rows = torch.stack([w, n1, n2, g1, g1 * norm, g1 * norm.square(), g2, g2 * norm, g2 * norm.square()])
         self.moments.index_add_(1, expert_ids, rows)
-        # sum f in float64, in chunks so the float64 copy stays bounded on large batches
-        for start in range(0, f.shape[0], _CHUNK):
-            part = slice(start, start + _CHUNK)
-            weighted_f = torch.nan_to_num(f[part].double()) * w[part].unsqueeze(-1)  # (chunk, H)
-            self.output_sum.index_add_(0, expert_ids[part], weighted_f)
+        # sum f per batch in f's precision (float32 at least), padding pairs sent to a spare
+        # row E that is dropped; totals across batches are float64
+        sum_dtype = torch.promote_types(f.dtype, torch.float32)
+        target = torch.where(w > 0, expert_ids, self.layer.num_experts)
+        partial = torch.zeros(self.layer.num_experts + 1, f.shape[1], dtype=sum_dtype, device=f.device)
+        partial.index_add_(0, target, f.to(sum_dtype))  # NaN here is reported by raise_if_nonfinite
+        self.output_sum += partial[:-1]
         self.tokens += valid_tokens.sum()
 
     def raise_if_nonfinite(self):
