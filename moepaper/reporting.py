@@ -39,6 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 FIGURES_DIR = REPO_ROOT / "figures"
 
 NEW_CRITERIA = ("man", "msan")
+# The paper's comparison: its named criteria and the MoNE baseline (grid points are extra).
+NAMED = (*CRITERIA, MONE)
 # Existing criteria the paper compares against (gated (0,1,1) / (0,2,2) included: they are
 # points of the family that earlier work used, reported best task-specific).
 BASELINES = ("frequency", "seer", "ean", "reap", "gated_ean", "gated_squared", MONE)
@@ -148,9 +150,13 @@ def results_table(
     calibration: str,
     ratio: float,
     benchmarks: Sequence[str] | None = None,
+    criteria: Sequence[str] | None = None,
     include_unpruned: bool = True,
 ) -> pd.DataFrame:
     """Criterion x benchmark scores (table units) for one model, calibration and ratio.
+
+    criteria: criterion names to show (default: every criterion evaluated; `NAMED` gives the
+    paper's comparison: its named criteria and MoNE).
 
     Rows: "unpruned" (when evaluated) then the criteria; columns: benchmark names in the
     order of the results, then `AVERAGE`, the mean over the benchmarks that ran, whose
@@ -161,9 +167,13 @@ def results_table(
     pruned, unpruned = _select(df, model, calibration, ratio)
     if pruned.empty:
         raise ValueError(f"no results for calibration={calibration!r}, ratio={ratio} (model {model!r})")
+    if criteria is not None:
+        pruned = pruned[pruned["criterion"].isin(list(criteria))]
+        if pruned.empty:
+            raise ValueError(f"none of the criteria {list(criteria)} evaluated for calibration={calibration!r}, ratio={ratio}")
     frames = [pruned] + ([unpruned] if include_unpruned and not unpruned.empty else [])
     both = pd.concat(frames)
-    order = list(dict.fromkeys(both["benchmark"]))
+    order = suite_order(both)
     if benchmarks is not None:
         order = [b for b in benchmarks if b in set(order)]
     ok = both[both["status"] == "ok"]
@@ -177,6 +187,20 @@ def results_table(
     table.attrs.update(model=model or both["model"].iloc[0], calibration=calibration, ratio=ratio,
                        info=info, averaged=averaged)
     return table
+
+
+def suite_order(df: pd.DataFrame) -> list[str]:
+    """The benchmarks of `df` in their suite's order (paper or local), others after them by name."""
+    from . import evaluation
+
+    names = sorted(df["benchmark"].unique())
+    order: list[str] = []
+    for suite in dict.fromkeys(df["suite"].dropna()) if "suite" in df else ():
+        try:
+            order += [b.name for b in evaluation.get_suite(suite).benchmarks if b.name in names and b.name not in order]
+        except (ValueError, RuntimeError):  # a custom suite: no known order
+            continue
+    return order + [n for n in names if n not in order]
 
 
 def benchmark_info(df: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:
@@ -264,23 +288,27 @@ def matched_benchmarks(df: pd.DataFrame, calibration: str) -> list[str] | None:
 
 
 def average_rank_summary(df: pd.DataFrame, *, model: str | None = None, benchmarks: Sequence[str] | None = None,
-                         matched_domain: bool = True) -> pd.DataFrame:
+                         criteria: Sequence[str] | None = NAMED, matched_domain: bool = True) -> pd.DataFrame:
     """Average rank of every criterion (rows) in every (setting, calibration, ratio) (columns).
 
     With `matched_domain`, each task-specific calibration targeting a domain (code, math)
     gets a second column ranked on that domain's benchmarks only (benchmarks "matched").
+    criteria: the criteria ranked against each other (default `NAMED`, the paper's
+    comparison; None: every criterion evaluated, e.g. the whole grid).
     """
     pruned, _ = _select(df, model, None, None)
     columns = {}
     for (calibration, setting, ratio), _group in pruned.groupby(["calibration", "setting", "ratio"], sort=True):
-        table = results_table(df, model=model, calibration=calibration, ratio=ratio, benchmarks=benchmarks)
+        table = results_table(df, model=model, calibration=calibration, ratio=ratio, benchmarks=benchmarks, criteria=criteria)
         columns[(setting, calibration, "all", f"{ratio:.0%}")] = rank_table(table)[AVERAGE_RANK]
         matched = matched_benchmarks(df, calibration) if matched_domain and setting == "task-specific" else None
         if matched:
-            table = results_table(df, model=model, calibration=calibration, ratio=ratio, benchmarks=matched)
+            table = results_table(df, model=model, calibration=calibration, ratio=ratio, benchmarks=matched, criteria=criteria)
             columns[(setting, calibration, "matched", f"{ratio:.0%}")] = rank_table(table)[AVERAGE_RANK]
     summary = pd.DataFrame(columns)
     summary = summary.reindex(criterion_order(summary.index))
+    setting_rank = {"task-agnostic": 0, "task-specific": 1}
+    summary = summary[sorted(summary.columns, key=lambda c: (setting_rank.get(c[0], 2), c[1], float(c[3].rstrip("%")), c[2]))]
     summary.columns = pd.MultiIndex.from_tuples(summary.columns, names=["setting", "calibration", "benchmarks", "pruned"])
     summary.attrs["lower_is_better"] = list(summary.columns)
     return summary
@@ -297,9 +325,10 @@ def _best(series: pd.Series, higher: bool) -> set:
     return set(values.index[np.isclose(values, target)])
 
 
-def format_table(table: pd.DataFrame, *, digits: int = 1, bold: str = "**", bold_end: str | None = None,
+def format_table(table: pd.DataFrame, *, digits: int = 1, other_digits: int = 3, bold: str = "**", bold_end: str | None = None,
                  lower_is_better: Sequence | None = None, names: bool = True) -> pd.DataFrame:
-    """Strings for display: `digits` decimals, the best pruned criterion per column in bold, "not run" for NaN.
+    """Strings for display: `digits` decimals (`other_digits` for benchmarks whose metric is not a
+    proportion, e.g. bits per byte), the best pruned criterion per column in bold, "not run" for NaN.
 
     Best is the maximum, or the minimum for lower-is-better benchmarks (``table.attrs["info"]``),
     for the columns in `lower_is_better`, and for every column of a rank table
@@ -320,17 +349,25 @@ def format_table(table: pd.DataFrame, *, digits: int = 1, bold: str = "**", bold
         else:
             higher = True
         numeric = pd.api.types.is_numeric_dtype(table[column])
+        places = digits
+        metric = info.loc[column, "metric"] if info is not None and column in info.index else None
+        if isinstance(metric, str) and metric.split(",")[0] not in PERCENT_METRICS:
+            places = other_digits
         best = _best(pruned[column], higher) if numeric and use_bold else set()
         for index, value in table[column].items():
             if isinstance(value, (float, int, np.floating, np.integer)) and not pd.isna(value):
-                text = f"{value:.{digits}f}"
+                text = f"{value:.{places}f}"
                 out.loc[index, column] = f"{bold}{text}{bold_end}" if index in best and len(best) < len(pruned) else text
             elif value is None or (not isinstance(value, str) and pd.isna(value)):
                 status = info.loc[column, "status"] if info is not None and column in info.index else ""
                 out.loc[index, column] = "not run" if status and status != "ok" else "–"
             else:
                 out.loc[index, column] = display_name(str(value)) if names else str(value)
-    if info is not None:
+    if isinstance(out.columns, pd.MultiIndex):  # summary columns: short names, "all" benchmarks implied
+        short = {"task-agnostic": "agnostic", "task-specific": "specific", "all": ""}
+        out.columns = pd.MultiIndex.from_tuples(
+            [tuple(short.get(str(p), str(p).split(":")[-1]) for p in c) for c in out.columns], names=out.columns.names)
+    elif info is not None:
         out.columns = [info.loc[c, "label"] if c in info.index else c for c in out.columns]
     if names:
         out.index = [display_name(i) for i in out.index]
@@ -341,7 +378,7 @@ def to_markdown(table: pd.DataFrame, *, digits: int = 1, **kwargs) -> str:
     """The table in Markdown (GitHub pipes); best pruned criterion per column in bold."""
     formatted = format_table(table, digits=digits, **kwargs)
     if isinstance(formatted.columns, pd.MultiIndex):
-        formatted.columns = [" ".join(str(p) for p in c) for c in formatted.columns]
+        formatted.columns = [" ".join(str(p) for p in c if p) for c in formatted.columns]
     return formatted.to_markdown(disable_numparse=True)
 
 
@@ -369,12 +406,15 @@ def write_table(table: pd.DataFrame, name: str, out_dir: str | Path = FIGURES_DI
     return [md, tex]
 
 
-def write_tables(df: pd.DataFrame, out_dir: str | Path = FIGURES_DIR, *, model: str | None = None) -> list[Path]:
+def write_tables(df: pd.DataFrame, out_dir: str | Path = FIGURES_DIR, *, model: str | None = None,
+                 criteria: Sequence[str] | None = NAMED) -> list[Path]:
     """Every table of one model under `out_dir` (Markdown and LaTeX).
 
     Per (calibration, ratio): ``results__*`` (scores), ``ranks__*`` and ``gap__*`` (MAN and
     MSAN against the strongest baseline); for task-specific calibrations also ``*__matched``
-    on the targeted domain's benchmarks; and ``average_rank__<model>``, the summary.
+    on the targeted domain's benchmarks; and ``average_rank__<model>``, the summary. These
+    compare `criteria` (default: the paper's named criteria and MoNE). When more criteria
+    were evaluated (the grid), ``average_rank__<model>__all`` ranks all of them.
     """
     from .results import slug
 
@@ -387,7 +427,7 @@ def write_tables(df: pd.DataFrame, out_dir: str | Path = FIGURES_DIR, *, model: 
         if matched:
             variants.append(("__matched", matched))
         for suffix, benchmarks in variants:
-            table = results_table(df, model=model, calibration=calibration, ratio=ratio, benchmarks=benchmarks)
+            table = results_table(df, model=model, calibration=calibration, ratio=ratio, benchmarks=benchmarks, criteria=criteria)
             stem = f"{slug(model)}__{slug(calibration)}__{ratio:g}{suffix}"
             written += write_table(table, f"results__{stem}", out_dir)
             written += write_table(rank_table(table), f"ranks__{stem}", out_dir, digits=2)
@@ -395,8 +435,11 @@ def write_tables(df: pd.DataFrame, out_dir: str | Path = FIGURES_DIR, *, model: 
                 written += write_table(gap_to_baseline(table), f"gap__{stem}", out_dir)
             except ValueError:  # no baseline evaluated
                 pass
-    summary = average_rank_summary(df, model=model)
+    summary = average_rank_summary(df, model=model, criteria=criteria)
     written += write_table(summary, f"average_rank__{slug(model)}", out_dir, digits=2)
+    if criteria is not None and not set(pruned["criterion"]) <= set(criteria):
+        everything = average_rank_summary(df, model=model, criteria=None)
+        written += write_table(everything, f"average_rank__{slug(model)}__all", out_dir, digits=2)
     return written
 
 
@@ -436,11 +479,11 @@ def criterion_color(name: str) -> str:
 
 
 def save_figure(fig, name: str, out_dir: str | Path = FIGURES_DIR) -> list[Path]:
-    """Save `fig` as `name`.png (200 dpi) and `name`.pdf under `out_dir`."""
+    """Save `fig` as `name`.png (150 dpi) and `name`.pdf under `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=200)
+    fig.savefig(paths[0], dpi=150)
     fig.savefig(paths[1], metadata={"CreationDate": None, "ModDate": None})  # reproducible PDF bytes
     return paths
 
@@ -485,7 +528,9 @@ def plot_grid_heatmap(df: pd.DataFrame, *, model: str | None = None, calibration
     ax.set_ylabel("b (1 = routed-token average)")
     unpruned = table.loc[UNPRUNED, AVERAGE] if UNPRUNED in table.index and value == AVERAGE else None
     extra = f"; unpruned {unpruned:.1f}" if unpruned is not None and not pd.isna(unpruned) else ""
-    ax.set_title(f"{table.attrs['model']}: {calibration}, {ratio:.0%} experts removed{extra}")
+    what = f"average of {averages_of(df, model=model, calibration=calibration, ratio=ratio, benchmarks=benchmarks)}" \
+        if value == AVERAGE else "average rank over benchmarks"
+    ax.set_title(f"{table.attrs['model']}: {calibration}, {ratio:.0%} experts removed{extra}\ncells: {what}", fontsize=10)
     return fig
 
 
@@ -512,7 +557,8 @@ def plot_score_vs_ratio(df: pd.DataFrame, *, model: str | None = None, calibrati
         ax.plot(np.array(xs) * 100, ys, marker="o", color=criterion_color(name), label=display_name(name),
                 linewidth=2.4 if strong else 1.4, zorder=3 if strong else 2)
     ax.set_xlabel("experts removed per MoE layer (%)")
-    ax.set_ylabel("average score")
+    averaged = averages_of(df, model=model, calibration=calibration, ratio=ratios[0], benchmarks=benchmarks)
+    ax.set_ylabel(f"average of {averaged}")
     ax.set_title(f"{pruned['model'].iloc[0]}: {calibration}")
     ax.legend(ncol=2, fontsize=8)
     return fig
@@ -529,9 +575,21 @@ def _layer_positions(stats: ExpertStatistics, layers: Sequence[int] | None, most
     return list(range(n)) if n <= most else sorted({round(i * (n - 1) / (most - 1)) for i in range(most)})
 
 
+def short_calibration(description: str) -> str:
+    """The source name of a calibration description: ``"embedded:mixed (...): 80 x 512 tokens"`` -> ``"embedded:mixed"``."""
+    return description.split(" (")[0].split(":  ")[0]
+
+
+def averages_of(df: pd.DataFrame, **select) -> str:
+    """What `AVERAGE` averages in a results table, in words (benchmark labels), for axis labels."""
+    table = results_table(df, **select)
+    labels = [table.attrs["info"].loc[b, "label"] for b in table.attrs["averaged"]]
+    return ", ".join(labels) if len(labels) <= 4 else f"{len(labels)} benchmarks"
+
+
 def _stats_title(stats: ExpertStatistics, what: str) -> str:
     model = Path(stats.metadata.get("model_name") or "").name
-    calibration = stats.metadata.get("calibration") or ""
+    calibration = short_calibration(stats.metadata.get("calibration") or "")
     return f"{model + ': ' if model else ''}{what}{f' ({calibration})' if calibration else ''}"
 
 

@@ -111,7 +111,7 @@ def test_markdown_and_latex(results):
     md = to_markdown(table)
     assert "| MAN" in md and "**60.0**" in md and "not run" in md  # tie: both bold
     assert md.count("**60.0**") == 2
-    assert "**1.0**" in md  # lowest bits per byte is the best
+    assert "**1.000**" in md and "| 1.200 " in md  # lowest bits per byte is the best; 3 decimals
     tex = to_latex(table, caption="toy")
     assert r"\textbf{60.0}" in tex and r"\begin{tabular}" in tex and "B4" in tex
 
