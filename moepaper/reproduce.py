@@ -70,8 +70,8 @@ def _configs() -> dict[str, RunConfig]:
     return {
         "embedded": RunConfig(
             name="embedded",
-            models=[ModelRun("embedded", "embedded", embedded_cal, [0.25, 0.5], dict(n_sequences=96, seq_len=512),
-                             dict(suite="local", criteria="named"))],
+            models=[ModelRun("embedded", "embedded", embedded_cal, [0.25, 0.5], dict(n_sequences=80, seq_len=512),
+                             dict(suite="local", criteria="named", batch_size=32), dict(threads=1))],
             statistics_dir=REPO_ROOT / "data" / "statistics",
             results_dir=REPO_ROOT / "data" / "results",
             figures_dir=REPO_ROOT / "figures",
