@@ -41,6 +41,11 @@ import pandas as pd
 PAPER_NUM_FEWSHOT = 0
 PAPER_GEN_KWARGS = {"max_gen_toks": 2048, "do_sample": False}
 SMOKE_LIMIT = 4
+# Items per task of the local suite by default: 30 of ~250 held-out documents per
+# bits-per-byte task (a per-token average, stable on ~8k tokens) and 80 of 240-300 items per
+# multiple-choice task, evenly spaced, so the embedded sweep (3 calibrations x 9 criteria x
+# 2 ratios) fits 15 minutes on 2 shared CPU cores. ``evaluate(limit="all")`` takes every item.
+LOCAL_LIMIT = {"ppl": 30, "mc": 80}
 DEFAULT_BATCH_SIZE = 8
 
 NOT_RUN = "not run"
@@ -86,7 +91,8 @@ class Suite:
     include_defaults: index lm-eval's built-in tasks too (about 6 s; the paper suite needs them).
     num_fewshot: overrides every task's few-shot count; None keeps each task's own.
     gen_kwargs: merged into every generative task's generation settings; None keeps them.
-    limit: items per task (None: all), unless `evaluate(limit=...)` says otherwise.
+    limit: items per task (None: all; an int; or per benchmark, see `evaluate`), unless
+        `evaluate(limit=...)` says otherwise.
     """
 
     name: str
@@ -95,7 +101,7 @@ class Suite:
     include_defaults: bool = True
     num_fewshot: int | None = None
     gen_kwargs: dict | None = field(default=None, hash=False, compare=False)
-    limit: int | None = None
+    limit: int | dict | None = field(default=None, hash=False, compare=False)
 
     def benchmark(self, name: str) -> Benchmark:
         for b in self.benchmarks:
@@ -162,7 +168,7 @@ def get_suite(suite: str | Suite) -> Suite:
         return Suite("paper", PAPER_BENCHMARKS, None, True, PAPER_NUM_FEWSHOT, dict(PAPER_GEN_KWARGS))
     if suite in ("local", "smoke"):
         benchmarks, include = _local_benchmarks()
-        return Suite(suite, benchmarks, include, False, None, None, SMOKE_LIMIT if suite == "smoke" else None)
+        return Suite(suite, benchmarks, include, False, None, None, SMOKE_LIMIT if suite == "smoke" else dict(LOCAL_LIMIT))
     raise ValueError(f"unknown suite {suite!r}: 'paper', 'local', 'smoke', or a moepaper.evaluation.Suite")
 
 
@@ -231,7 +237,7 @@ def evaluate(
     tokenizer,
     suite: str | Suite = "local",
     *,
-    limit: int | float | dict | None = None,
+    limit: int | float | dict | str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     backend: str = "hf",
     allow_code_execution: bool = False,
@@ -251,7 +257,8 @@ def evaluate(
     suite: ``"paper"``, ``"local"``, ``"smoke"`` or a `Suite`.
     limit: items per task: an int, a fraction < 1, or a dict giving an int per benchmark
         name or per name suffix (``{"ppl": 30, "mc": 80}``; benchmarks not named: all
-        items); None: the suite's default (all, or `SMOKE_LIMIT` for ``smoke``).
+        items); ``"all"``: every item; None: the suite's default (``paper``: all, ``local``:
+        `LOCAL_LIMIT`, ``smoke``: `SMOKE_LIMIT`).
     spread: with an int `limit`, evaluate `limit` items evenly spaced through each task
         (lm-eval's ``samples``) rather than lm-eval's first `limit` items, which in a split
         ordered by source cover only its first sources. Groups (MMLU) take the first items.
@@ -286,7 +293,7 @@ def evaluate(
         else:
             runnable.append(b)
     if runnable:
-        limit = suite.limit if limit is None else limit
+        limit = effective_limit(suite, limit)
         if allow_code_execution and any(b.code_execution for b in runnable):
             os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # the `evaluate` library's code_eval refuses otherwise
         lm = _build_lm(model, tokenizer, backend, batch_size, device, model_args)
@@ -342,6 +349,15 @@ def evaluate(
                 note=f"{seconds:.1f} s for {len(runnable)} task(s)",
             )
     return pd.DataFrame([rows[b.name] for b in chosen], columns=RESULT_COLUMNS)
+
+
+def effective_limit(suite: Suite, limit):
+    """The item limit `evaluate` applies: the suite's default for None, no limit for "all"."""
+    if limit is None:
+        return suite.limit
+    if limit == "all":
+        return None
+    return limit
 
 
 def benchmark_limit(name: str, limit: dict) -> int | None:

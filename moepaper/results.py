@@ -119,6 +119,20 @@ def versions() -> dict:
     }
 
 
+def weights_fingerprint(model: torch.nn.Module, samples: int = 64) -> str:
+    """A fingerprint of the weights: sha256 over every parameter's and buffer's name, shape,
+    dtype and `samples` values strided through it. Cheap for any model size; changes when
+    the checkpoint changes, so results of other weights are never reused."""
+    digest = hashlib.sha256()
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        values = flat[::step][:samples].float().cpu().numpy()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(values.tobytes())
+    return "weights:" + digest.hexdigest()[:16]
+
+
 def statistics_hash(stats: ExpertStatistics, path: str | Path | None = None) -> str:
     """sha256 of the statistics file when given, else of the statistics' tensors."""
     if path is not None:
@@ -188,7 +202,7 @@ def _settings_fingerprint(suite: evaluation.Suite, limit, seed: int, backend: st
     return {
         "model_id": model_id,
         "suite": suite.name,
-        "limit": suite.limit if limit is None else limit,
+        "limit": evaluation.effective_limit(suite, limit),
         "num_fewshot": suite.num_fewshot,
         "gen_kwargs": suite.gen_kwargs,
         "seed": seed,
@@ -240,8 +254,8 @@ def sweep(
     suite: evaluation suite (`moepaper.evaluation.get_suite`).
     setting: ``"task-agnostic"`` or ``"task-specific"``, stored with every result.
     model_name: name of the model in paths and tables (default: `config._name_or_path`'s last part).
-    model_id: what identifies the weights (a checkpoint hash or revision), stored with every
-        result; results of another model_id are not reused but recomputed.
+    model_id: what identifies the weights, stored with every result (default:
+        `weights_fingerprint(model)`); results of another model_id are recomputed, never reused.
     calibration: name of the calibration data (default: ``stats.metadata["calibration"]``).
     out_dir: results root (default ``data/results``).
     limit, batch_size, seed, allow_code_execution, apply_chat_template: passed to `evaluate`.
@@ -270,6 +284,7 @@ def sweep(
     model_name = model_name or Path(str(getattr(model.config, "_name_or_path", "") or type(model).__name__)).name
     calibration = calibration or stats.metadata.get("calibration") or "unknown"
     stats_hash = statistics_hash(stats, statistics_path)
+    model_id = model_id or weights_fingerprint(model)
     settings = _settings_fingerprint(suite, limit, seed, "hf", apply_chat_template, model_id)
     layers = find_moe_layers(model)
     stats.check_model(model)
@@ -376,7 +391,7 @@ def _evaluated_index(model_dir: Path, settings: dict) -> dict:
 def _statistics_summary(stats: ExpertStatistics, path) -> dict:
     meta = stats.metadata
     return {
-        "file": None if path is None else str(path),
+        "file": None if path is None else _relative(Path(path).resolve(), REPO_ROOT),
         "calibration": meta.get("calibration"),
         "token_count": meta.get("token_count"),
         "gate": meta.get("gate"),
@@ -417,7 +432,7 @@ def embedded_statistics(
     batch_size: int = 8,
 ) -> tuple[ExpertStatistics, Path]:
     """Statistics of `model` on one calibration source, loaded from `statistics_dir` if collected there
-    with the same calibration and `model_id` (the checkpoint's hash), else collected and saved."""
+    with the same calibration and `model_id` (`weights_fingerprint`), else collected and saved."""
     from .calibration import calibration_batches, calibration_description
     from .statistics import collect_statistics
 
@@ -436,19 +451,13 @@ def embedded_statistics(
     return stats, path
 
 
-# Items per local task in the embedded sweep: 30 of ~250 held-out documents (bits per byte is
-# a per-token average, stable on ~8k tokens) and 80 of 240-300 multiple-choice items, so the
-# 3 calibrations x 9 criteria x 2 ratios fit 15 minutes on 2 shared CPU cores. None: all.
-EMBEDDED_LIMIT = {"ppl": 30, "mc": 80}
-
-
 def run_embedded(
     *,
     calibrations: dict[str, str] | None = None,
     criteria: str | Sequence | None = "named",
     ratios: Sequence[float] = (0.25, 0.5),
     suite: str = "local",
-    limit: int | float | dict | None = EMBEDDED_LIMIT,
+    limit: int | float | dict | str | None = None,
     batch_size: int = 32,
     n_sequences: int = 80,
     seq_len: int = 512,
@@ -461,19 +470,21 @@ def run_embedded(
 ) -> dict:
     """The embedded model's full sweep: statistics per calibration, criteria x ratios on `suite`, then tables and figures.
 
+    limit: items per task (None: the suite's default, `evaluation.LOCAL_LIMIT` for ``local``;
+        ``"all"``: every item).
     threads: torch CPU threads (None: leave as is). One thread is the default: on a shared
     2-core machine two threads oversubscribe the cores and ran 2-10x slower here.
     Returns timings (seconds), the result paths and the written tables and figures.
     Resumable: statistics and result files of the same checkpoint already on disk are reused.
     """
-    from .embedded import EMBEDDED_MODEL_DIR, load_embedded_model
+    from .embedded import load_embedded_model
 
     if threads is not None:
         torch.set_num_threads(threads)
     started = time.time()
     timings: dict[str, float] = {}
     model, tokenizer = load_embedded_model()
-    model_id = "sha256:" + file_hash(Path(EMBEDDED_MODEL_DIR) / "model.safetensors")
+    model_id = weights_fingerprint(model)
     timings["load"] = time.time() - started
     statistics: dict[str, ExpertStatistics] = {}
     paths: list[Path] = []
@@ -499,10 +510,12 @@ def run_embedded(
     return {"timings": timings, "results": paths, "written": written, "model_id": model_id}
 
 
-def _parse_limit(text: str):
-    """'all' -> None, '50' -> 50, '0.2' -> 0.2, 'ppl=30,mc=80' -> {"ppl": 30, "mc": 80}."""
-    if text in ("all", "none", ""):
+def _parse_limit(text: str | None):
+    """None -> None (suite default), 'all' -> 'all', '50' -> 50, '0.2' -> 0.2, 'ppl=30,mc=80' -> {"ppl": 30, "mc": 80}."""
+    if text is None or text == "":
         return None
+    if text == "all":
+        return "all"
     if "=" in text:
         return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
     value = float(text)
@@ -519,8 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--criteria", default="named", help="'named' (default), 'grid', or comma-separated names")
     parser.add_argument("--ratios", default="0.25,0.5")
     parser.add_argument("--suite", default="local")
-    parser.add_argument("--limit", default=",".join(f"{k}={v}" for k, v in EMBEDDED_LIMIT.items()),
-                        help="items per task: 'all', a number, or per benchmark suffix 'ppl=30,mc=80' (the default)")
+    parser.add_argument("--limit", default=None,
+                        help="items per task: 'all', a number, or per benchmark suffix 'ppl=30,mc=80' "
+                             "(default: the suite's, ppl=30,mc=80 for local)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: leave torch's default)")
     parser.add_argument("--n-sequences", type=int, default=80)

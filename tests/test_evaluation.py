@@ -143,6 +143,7 @@ def test_paper_suite_reports_missing_benchmarks_as_not_run():
     assert "allow_code_execution" in notes["humaneval"]
     assert "LiveCodeBench" in notes["livecodebench"] and "WildBench" in notes["wildbench"]
     assert suite.num_fewshot == 0 and suite.gen_kwargs == {"max_gen_toks": 2048, "do_sample": False}
+    assert suite.limit is None  # the paper suite runs every item
 
 
 def test_paper_task_names_exist_in_lm_eval_index():
@@ -214,6 +215,16 @@ def test_sweep_writes_provenance_and_resumes(tiny, tokenizer, task_suite, tiny_s
     assert calls == []  # everything on disk
     sweep(tiny, tokenizer, tiny_stats, **{**kwargs, "limit": 2})
     assert len(calls) == 3  # other evaluation settings: recomputed
+
+
+def test_weights_fingerprint_follows_the_weights():
+    from moepaper.results import weights_fingerprint
+
+    a, b = tiny_model("qwen3_moe", seed=3), tiny_model("qwen3_moe", seed=3)
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    with torch.no_grad():
+        b.model.layers[1].mlp.experts.down_proj[0, 0, 0] += 1.0  # the first value is always sampled
+    assert weights_fingerprint(a) != weights_fingerprint(b)
 
 
 def test_sweep_reuses_results_of_identical_kept_experts(tiny, tokenizer, task_suite, tiny_stats, tmp_path, monkeypatch):
