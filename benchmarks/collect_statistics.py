@@ -8,8 +8,8 @@ so we report ratios to the plain forward measured in the same run):
 - collect: moepaper.collect_statistics (all moments, routed-only expert outputs);
 - dense:   an observer that runs every expert on every token, as REAP's reference code
            does, accumulating the same norms (pre-hook on each experts module).
-Peak memory is measured in a fresh subprocess per (model, mode): peak RSS growth over the
-RSS after the model is built (CPU), or torch.cuda.max_memory_allocated on a GPU.
+Peak memory is measured in a fresh subprocess per (model, mode): the peak RSS of the pass,
+counted from after the model is built and one warm-up batch has run (Linux /proc).
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ def main():
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; tokens per pass {args.tokens}; median of {args.repeats}")
     rows = {}
-    print("| model | plain s | collect / plain (time) | dense / plain (time) | plain peak RSS MiB (growth) | collect / plain (peak RSS) | dense / plain (peak RSS) | collect / plain (growth) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | plain s | collect / plain (time) | dense / plain (time) | plain peak RSS MiB | collect / plain (peak RSS) | dense / plain (peak RSS) |")
+    print("|---|---|---|---|---|---|---|")
     for name in names:
         model = build(name)
         batches = batches_for(model, args.tokens)
@@ -174,12 +174,10 @@ def main():
         mem = {m: peak_memory(name, m, args.tokens) for m in modes}
         rows[name] = {"time": t, "peak_mib": mem}
         peak = {m: v["peak"] for m, v in mem.items()}
-        growth = {m: max(v["peak"] - v["before"], 1e-3) for m, v in mem.items()}
         dense_t = f"{t['dense'] / t['plain']:.2f}x" if "dense" in t else "-"
         dense_m = f"{peak['dense'] / peak['plain']:.2f}x" if "dense" in peak else "-"
         print(f"| {name} | {t['plain']:.3f} | {t['collect'] / t['plain']:.3f}x | {dense_t} | "
-              f"{peak['plain']:.0f} ({growth['plain']:.0f}) | {peak['collect'] / peak['plain']:.3f}x | {dense_m} | "
-              f"{growth['collect'] / growth['plain']:.2f}x |", flush=True)
+              f"{peak['plain']:.0f} | {peak['collect'] / peak['plain']:.3f}x | {dense_m} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
