@@ -63,6 +63,8 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .architecture import MoELayer, UnsupportedModelError, expert_count_keys, find_moe_layers
+from .criteria import get_criterion
+from .statistics import file_hash
 
 PROVENANCE_FILE = "moepaper_pruning.json"
 
@@ -564,13 +566,13 @@ def _restore_forward(router: nn.Module, previous) -> None:
 
 
 def statistics_hash(path: str | Path) -> str:
-    """sha256 of a statistics file (or of every file under a folder, by relative path)."""
+    """sha256 of a statistics file (`statistics.file_hash`), or of every file under a folder, by relative path."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not path.is_dir():
+        return file_hash(path)
     digest = hashlib.sha256()
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
@@ -584,11 +586,9 @@ def _criterion_record(criterion) -> dict | None:
         return {"name": getattr(criterion, "name", None), "b": criterion.b, "alpha": criterion.alpha, "beta": criterion.beta}
     if isinstance(criterion, str):
         try:
-            from .criteria import get_criterion
-
             c = get_criterion(criterion)
             return {"name": criterion, "b": c.b, "alpha": c.alpha, "beta": c.beta}
-        except (ImportError, ValueError):  # outside the family (e.g. "mone"): the name alone
+        except ValueError:  # outside the family (e.g. "mone"): the name alone
             return {"name": criterion, "b": None, "alpha": None, "beta": None}
     b, alpha, beta = criterion
     return {"name": f"S({b},{alpha},{beta})", "b": b, "alpha": alpha, "beta": beta}

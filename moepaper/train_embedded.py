@@ -284,7 +284,7 @@ def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
 
 
 def train(cfg: TrainConfig, run_dir: Path = RUN_DIR, out_dir: Path = EMBEDDED_MODEL_DIR, fresh: bool = False) -> dict:
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,6 @@
 """Calibration data, lm-eval evaluation and the resumable sweep, offline on tiny models."""
 
 import json
-import os
 import string
 import time
 
