@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from moepaper import collect_statistics, find_moe_layers  # noqa: E402
-from moepaper.tiny import tiny_model  # noqa: E402
+from moepaper.testbed.tiny import tiny_model  # noqa: E402
 
 # Tiny configs of the paper's four classes, sized like the real expert / top-k ratio.
 CONFIGS = {
@@ -43,7 +43,7 @@ MOE_WIDTH = dict(moe_intermediate_size=128)
 
 def build(name: str):
     if name == "embedded":
-        from moepaper import load_embedded_model
+        from moepaper.testbed.embedded import load_embedded_model
 
         model, _ = load_embedded_model()
         return model

@@ -1,23 +1,38 @@
 """moepaper: one-shot expert pruning of MoE language models.
 
-One calibration pass collects every expert statistic; the unified formulation
-S(b, alpha, beta) = N_j^-b * sum_t 1[j routed] g^alpha ||f||^beta scores experts;
-experts are pruned structurally or masked; lm-eval evaluates the result.
+The core, at the top of the package, is what the paper is about:
+
+    find_moe_layers(model)                      the MoE layers of any transformers v5 MoE
+    stats = collect_statistics(model, batches)  one calibration pass, every moment
+    expert_scores(stats, "man")                 S(b, alpha, beta) = N_j^-b sum_t g^alpha ||f||^beta
+    keep = select_experts(scores, ratio=0.25)   the lowest-scoring experts of every layer go
+    mask_experts(model, keep) / prune_experts(model, keep) / save_pruned(...)
+    expert_damage(model, batches)               the measured damage the formulation estimates
+
+`moepaper.pipeline` runs the paper (calibration data, lm-eval evaluation, the sweep and its
+result files, tables, figures, model loading); `moepaper.testbed` holds the embedded
+default model (its corpus, training and lm-eval tasks) and tiny models for tests.
 """
 
-__version__ = "0.1.0"
-
 from .architecture import MoELayer, UnsupportedModelError, find_moe_layers
-from .embedded import load_embedded_model
+from .criteria import (
+    CRITERIA,
+    MONE,
+    NAMED_CRITERIA,
+    Criterion,
+    ExpertScores,
+    StatisticCriterion,
+    criterion_grid,
+    expert_scores,
+    get_criterion,
+    resolve_criteria,
+)
+from .damage import ExpertDamage, damage_correlation, expert_damage
+from .provenance import package_version
+from .pruning import KeptExperts, mask_experts, prune_experts, save_pruned, select_experts
 from .statistics import ExpertStatistics, NonFiniteActivationError, StatisticsMismatchError, collect_statistics
-from .criteria import CRITERIA, Criterion, criterion_grid, expert_scores, mone_scores
-from .pruning import mask_experts, prune_experts, save_pruned, select_experts
-from .calibration import CalibrationDataUnavailable, calibration_batches
-from .evaluation import evaluate, get_suite
-from .results import sweep
-from .reporting import load_results, rank_table, results_table
-from .models import PAPER_MODELS, load_model
-from .damage import damage_correlation, expert_damage
+
+__version__ = package_version() or "0+unknown"
 
 __all__ = [
     "MoELayer",
@@ -28,26 +43,22 @@ __all__ = [
     "StatisticsMismatchError",
     "collect_statistics",
     "CRITERIA",
+    "NAMED_CRITERIA",
+    "MONE",
     "Criterion",
+    "StatisticCriterion",
+    "ExpertScores",
     "criterion_grid",
     "expert_scores",
-    "mone_scores",
+    "get_criterion",
+    "resolve_criteria",
+    "KeptExperts",
     "select_experts",
     "prune_experts",
     "mask_experts",
     "save_pruned",
-    "CalibrationDataUnavailable",
-    "calibration_batches",
-    "evaluate",
-    "get_suite",
-    "sweep",
-    "load_results",
-    "rank_table",
-    "results_table",
-    "PAPER_MODELS",
-    "load_model",
-    "damage_correlation",
+    "ExpertDamage",
     "expert_damage",
-    "load_embedded_model",
+    "damage_correlation",
     "__version__",
 ]

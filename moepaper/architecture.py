@@ -82,7 +82,9 @@ class MoELayer:
     block_tensors: per-expert tensors held by the block itself, outside router and experts.
     shared_experts: shared-expert modules (always active, never pruned).
     count_attributes: ``(module, attribute)`` pairs that store the expert count.
-    num_groups: router groups for group-limited routing (DeepSeek, GLM); 1 when ungrouped.
+    num_groups: groups the router's top-k is limited by (DeepSeek-V2 ``group_limited_greedy``,
+        DeepSeek-V3, GLM-4-MoE); 1 when selection ignores groups (DeepSeek-V2 ``greedy`` too).
+    topk_group: groups a token's experts may come from (1 when ungrouped).
     """
 
     layer_index: int
@@ -100,6 +102,7 @@ class MoELayer:
     shared_experts: list[nn.Module] = field(default_factory=list)
     count_attributes: list[tuple[nn.Module, str]] = field(default_factory=list)
     num_groups: int = 1
+    topk_group: int = 1
 
     @property
     def per_expert_tensors(self) -> list[ExpertTensor]:
@@ -232,16 +235,59 @@ def _block_layer(
         block_tensors=block_tensors,
         shared_experts=shared,
         count_attributes=count_attributes,
-        num_groups=int(getattr(router, "num_group", None) or 1),
+        num_groups=_routing_groups(router),
+        topk_group=int(getattr(router, "topk_group", None) or 1),
     )
+
+
+def _routing_groups(router: nn.Module) -> int:
+    if getattr(router, "topk_method", None) == "greedy":  # DeepSeek-V2 greedy ignores n_group
+        return 1
+    return max(1, int(getattr(router, "num_group", None) or 1))
+
+
+_CACHE = "_moepaper_moe_layers"
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every MoE block of `model`, in decoder-layer order.
 
+    Found once per model: the list is kept on the model and returned again while its
+    blocks, experts modules and expert counts are the ones it describes (`prune_experts`
+    updates it in place); a model changed in any other way is searched again.
+
     Raises `UnsupportedModelError` naming the model class and what was not found when
     the model has no decoder layers, no MoE block, or an MoE block of unknown layout.
     """
+    cached = model.__dict__.get(_CACHE)
+    if cached is not None and _still_valid(model, *cached):
+        return list(cached[0])
+    found = _search(model)
+    model.__dict__[_CACHE] = (found, _signature(model, found))
+    return list(found)
+
+
+def _signature(model: nn.Module, layers: list[MoELayer]) -> tuple:
+    decoder = _decoder_layers(model) or []
+    if any(l.layer_index >= len(decoder) for l in layers):
+        return ()
+    return (len(decoder),) + tuple((id(decoder[l.layer_index]), id(l.block), id(l.experts), id(l.router)) for l in layers)
+
+
+def _still_valid(model: nn.Module, layers: list[MoELayer], signature: tuple) -> bool:
+    """The same modules in the same places, each block still inside its decoder layer, counts agreeing."""
+    if _signature(model, layers) != signature:
+        return False
+    decoder = _decoder_layers(model)
+    return all(
+        any(child is layer.block for child in decoder[layer.layer_index].children())
+        and int(layer.experts.num_experts) == layer.num_experts
+        and layer.router.weight.shape[0] == layer.num_experts
+        for layer in layers
+    )
+
+
+def _search(model: nn.Module) -> list[MoELayer]:
     name = type(model).__name__
     layers = _decoder_layers(model)
     if layers is None:

@@ -17,12 +17,16 @@ The block input is the unpruned model's hidden state, so output errors isolate o
 `damage_correlation` gives the Spearman correlation, within each layer, between every
 criterion's scores and each damage measure: a criterion that predicts damage well ranks
 experts the way removing them hurts.
+
+The analysis that notebooks 00 and 03 report lives here too, so it is tested:
+`transfer_table` (do frequency, gate and activation strength rank experts alike on two
+calibration domains?), `calibration_setting` (matched / mismatched / mixed) and
+`principle_check` (does the selection principle's prediction hold for each setting?).
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,12 +35,11 @@ import torch
 from torch import nn
 
 from .architecture import find_moe_layers
-from .criteria import Criterion, criterion_grid, expert_scores, get_criterion, mone_scores
-from .pruning import _num_groups, mask_experts
+from .criteria import MONE, Criterion, ExpertScores, criterion_grid, expert_scores, get_criterion
+from .pruning import mask_experts, select_experts
 from .statistics import ExpertStatistics
 
 MEASURES = ("output_sq", "output_norm", "loss_change", "direct_sq")
-MONE = "mone"
 
 
 @dataclass
@@ -115,7 +118,7 @@ def expert_damage(
     if unknown:
         raise ValueError(f"decoder layers {unknown} hold no MoE block; MoE layers are {list(by_index)}")
     positions = [by_index[l] for l in chosen]
-    grouped = [moe[p].layer_index for p in positions if _num_groups(moe[p]) > 1]
+    grouped = [moe[p].layer_index for p in positions if moe[p].num_groups > 1]
     if grouped:
         raise ValueError(
             f"decoder layers {grouped} use group-limited routing: a model without one single expert has unequal "
@@ -219,15 +222,6 @@ def expert_damage(
     )
 
 
-def criterion_name(criterion: str | Criterion) -> str:
-    return criterion if isinstance(criterion, str) and criterion == MONE else get_criterion(criterion).name
-
-
-def scores_for(stats: ExpertStatistics, criterion: str | Criterion) -> torch.Tensor:
-    """A criterion's expert scores [MoE layer, expert]; ``"mone"`` gives MoNE's."""
-    return mone_scores(stats) if criterion == MONE else expert_scores(stats, criterion)
-
-
 def damage_correlation(
     stats: ExpertStatistics,
     damage: ExpertDamage,
@@ -242,15 +236,15 @@ def damage_correlation(
     """
     from scipy.stats import spearmanr
 
-    criteria = list(criteria) if criteria is not None else [*criterion_grid(), MONE]
+    criteria = [get_criterion(c) for c in criteria] if criteria is not None else [*criterion_grid(), MONE]
     measures = list(measures) if measures is not None else damage.measures
     missing = [l for l in damage.layers if l not in stats.layers]
     if missing:
         raise ValueError(f"damage covers decoder layers {missing} that the statistics do not ({stats.layers})")
     rows = []
     for criterion in criteria:
-        scores = scores_for(stats, criterion)
-        point = (None, None, None) if criterion == MONE else get_criterion(criterion).point
+        scores = expert_scores(stats, criterion)
+        point = criterion.point or (None, None, None)
         for measure in measures:
             values = damage.measure(measure)
             for row, layer in enumerate(damage.layers):
@@ -259,43 +253,118 @@ def damage_correlation(
                 d = values[row, :E].numpy()
                 constant = np.ptp(s) == 0 or np.ptp(d) == 0
                 rho = float("nan") if constant else float(spearmanr(s, d).statistic)
-                rows.append({"criterion": criterion_name(criterion), "b": point[0], "alpha": point[1], "beta": point[2],
+                rows.append({"criterion": criterion.name, "b": point[0], "alpha": point[1], "beta": point[2],
                              "measure": measure, "layer": layer, "rho": rho})
     return pd.DataFrame(rows)
 
 
-def corpus_batches(
-    domain: str,
-    tokenizer,
-    *,
-    split: str = "test",
-    n_sequences: int,
-    seq_len: int,
-    seed: int = 0,
-    batch_size: int = 8,
-) -> list[dict]:
-    """Packed windows of one embedded-corpus split (default the held-out test split), as batches.
+# ---------------------------------------------------------------- the selection principle, checked
 
-    Documents are shuffled with `seed`, tokenised, each followed by the end-of-sequence token,
-    concatenated and cut into `n_sequences` windows of `seq_len` tokens (no padding), like
-    `calibration_batches` does for the calibration split.
+
+def calibration_setting(calibration: str, evaluation: str) -> str:
+    """``"matched"`` when calibration and evaluation share a domain, ``"mixed"`` for a mixed
+    calibration, else ``"mismatched"`` (``"embedded:code"`` vs ``"code"`` is matched)."""
+    domain = calibration.split(":")[-1]
+    return "matched" if domain == evaluation.split(":")[-1] else "mixed" if domain == "mixed" else "mismatched"
+
+
+def transfer_factors(stats: ExpertStatistics) -> dict[str, torch.Tensor]:
+    """Per-expert quantities whose transfer between calibration domains the principle is about, (L, E) each."""
+    per_token = stats.tokens.unsqueeze(-1).clamp(min=1)
+    return {
+        "routing frequency": stats.count / per_token,
+        "mean gate S(1,1,0)": expert_scores(stats, (1, 1, 0)),
+        "MAN S(1,0,1)": expert_scores(stats, "man"),
+        "MSAN S(1,0,2)": expert_scores(stats, "msan"),
+        "S(0,1,1)/N": expert_scores(stats, "gated_ean") / per_token,
+        "S(0,2,2)/N": expert_scores(stats, "gated_squared") / per_token,
+    }
+
+
+def _jaccard(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    return float(np.mean([len(set(x.tolist()) & set(y.tolist())) / len(set(x.tolist()) | set(y.tolist())) for x, y in zip(a, b)]))
+
+
+def transfer_table(domain_stats: Mapping[str, ExpertStatistics], *, ratio: float = 0.5) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """How much each factor of the score changes between calibration domains.
+
+    For every pair of domains and every quantity of `transfer_factors`: the mean and minimum
+    within-layer Spearman rho of the experts' values between the two domains, the median
+    relative change of the values, their spread across experts (coefficient of variation)
+    and the Jaccard overlap of the experts each domain keeps at `ratio` removed.
+    Returns (table indexed by (pair, quantity), per-layer rho with columns pair, quantity, layer, rho).
     """
-    from .corpus import read_split
+    from scipy.stats import spearmanr
 
-    documents = read_split(domain, split)
-    random.Random(f"{seed}-{domain}-{split}").shuffle(documents)
-    eos = tokenizer.eos_token_id
-    buffer: list[int] = []
-    windows: list[list[int]] = []
-    for text in documents:
-        buffer.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + ([eos] if eos is not None else []))
-        while len(buffer) >= seq_len and len(windows) < n_sequences:
-            windows.append(buffer[:seq_len])
-            del buffer[:seq_len]
-        if len(windows) == n_sequences:
-            break
-    if len(windows) < n_sequences:
-        raise ValueError(f"the {split} split of {domain!r} holds only {len(windows)} windows of {seq_len} tokens; lower n_sequences or seq_len")
-    ids = torch.tensor(windows)  # (n_sequences, seq_len)
-    return [{"input_ids": ids[s : s + batch_size], "attention_mask": torch.ones_like(ids[s : s + batch_size])}
-            for s in range(0, n_sequences, batch_size)]
+    names = list(domain_stats)
+    first = domain_stats[names[0]]
+    for name in names[1:]:
+        if domain_stats[name].layers != first.layers or domain_stats[name].num_experts != first.num_experts:
+            raise ValueError(f"statistics {names[0]!r} and {name!r} cover different layers or expert counts")
+    E = min(first.num_experts)
+    rows, per_layer = [], []
+    for i, domain_a in enumerate(names):
+        for domain_b in names[i + 1:]:
+            fa, fb = transfer_factors(domain_stats[domain_a]), transfer_factors(domain_stats[domain_b])
+            pair = f"{domain_a.split(':')[-1]} vs {domain_b.split(':')[-1]}"
+            for quantity in fa:
+                a, b = fa[quantity][:, :E].numpy(), fb[quantity][:, :E].numpy()  # (L, E)
+                rhos = [spearmanr(a[l], b[l]).statistic for l in range(len(a))]
+                mean = (a + b) / 2
+                relative = np.where(mean > 0, np.abs(a - b) / np.where(mean > 0, mean, 1), 0.0)
+                per_layer += [{"pair": pair, "quantity": quantity, "layer": first.layers[l], "rho": r} for l, r in enumerate(rhos)]
+                spread = np.mean([np.std(x[l]) / np.mean(x[l]) for x in (a, b) for l in range(len(a)) if np.mean(x[l]) > 0])
+                kept = [select_experts(ExpertScores.wrap(f[quantity], s), ratio=ratio)
+                        for f, s in ((fa, domain_stats[domain_a]), (fb, domain_stats[domain_b]))]
+                rows.append({"pair": pair, "quantity": quantity, "mean Spearman ρ": np.nanmean(rhos),
+                             "min ρ over layers": np.nanmin(rhos), "median relative change": np.median(relative),
+                             "spread across experts (CV)": spread, "kept overlap": _jaccard(*kept)})
+    return pd.DataFrame(rows).set_index(["pair", "quantity"]), pd.DataFrame(per_layer)
+
+
+# What the principle predicts per setting, for damage predicted from calibration statistics.
+PRINCIPLE_EXPECTS = {
+    "matched": "full damage ahead",  # task-specific: frequency and gate kept, S(0,1,1) / S(0,2,2)
+    "mismatched": "MAN/MSAN ahead",  # task-agnostic: routed-token averaged, gate-free
+    "mixed": "MAN/MSAN ahead",
+}
+FULL_DAMAGE = ("gated_ean", "gated_squared")
+ACTIVATION_STRENGTH = ("man", "msan")
+
+
+def principle_check(correlations: pd.DataFrame, measure: str) -> pd.DataFrame:
+    """Per setting: do MAN/MSAN or the full damage estimates S(0,1,1)/S(0,2,2) predict `measure` better?
+
+    correlations: `damage_correlation` rows with added columns ``setting``, ``calibration`` and
+    ``evaluation``. The noise is the standard error of each group's mean rho over
+    (calibration, evaluation, layer) units, combined for the difference. Returns one row per
+    setting: mean rho of both groups, their difference and noise, the observed comparison, what
+    the principle expects (`PRINCIPLE_EXPECTS`) and the verdict (consistent / not confirmed /
+    contradicted), plus the three best criteria.
+    """
+    main = correlations[correlations.measure == measure]
+    if main.empty:
+        raise ValueError(f"no correlations with damage measure {measure!r}; measured: {sorted(correlations.measure.unique())}")
+    rows = []
+    for setting in [s for s in PRINCIPLE_EXPECTS if s in set(main.setting)]:
+        part = main[main.setting == setting]
+
+        def group(names):
+            chosen = part[part.criterion.isin(names)]
+            units = chosen.groupby(["calibration", "evaluation", "layer"]).rho.mean()
+            return chosen.rho.mean(), (units.sem() if len(units) > 1 else float("inf"))
+
+        full, full_se = group(FULL_DAMAGE)
+        strength, strength_se = group(ACTIVATION_STRENGTH)
+        difference, noise = strength - full, float(np.hypot(full_se, strength_se))
+        if not abs(difference) > noise:
+            observed = "indistinguishable"
+        else:
+            observed = "MAN/MSAN ahead" if difference > 0 else "full damage ahead"
+        expected = PRINCIPLE_EXPECTS[setting]
+        verdict = "consistent" if observed == expected else "not confirmed" if observed == "indistinguishable" else "contradicted"
+        best = part.groupby("criterion").rho.mean().sort_values(ascending=False).head(3)
+        rows.append({"setting": setting, "MAN/MSAN ρ": strength, "S(0,1,1)/S(0,2,2) ρ": full, "difference": difference,
+                     "noise": noise, "observed": observed, "expected": expected, "verdict": verdict,
+                     "best": ", ".join(f"{n} {v:.2f}" for n, v in best.items())})
+    return pd.DataFrame(rows).set_index("setting")

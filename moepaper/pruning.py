@@ -1,9 +1,14 @@
 """Remove experts: choose which to keep, slice them out, or mask them out of routing.
 
-    select_experts(scores, ratio=...)  -> kept expert indices per MoE layer
-    prune_experts(model, keep)         slices the model in place; it saves as a normal checkpoint
-    mask_experts(model, keep)          context manager: the pruned model's logits, no weights copied
-    save_pruned(model, tok, path, ...) save_pretrained + ``moepaper_pruning.json`` (provenance)
+    keep = select_experts(scores, ratio=...)  kept expert indices per MoE layer (`KeptExperts`)
+    prune_experts(model, keep)                slices the model in place; it saves as a normal checkpoint
+    mask_experts(model, keep)                 context manager: the pruned model's logits, no weights copied
+    save_pruned(model, tok, path, keep)       save_pretrained + ``moepaper_pruning.json`` (provenance)
+
+`select_experts` takes everything it needs from `ExpertScores` (layers, expert counts, top-k,
+router groups, criterion, statistics); the `KeptExperts` it returns carry the same facts and
+the ratio, so `prune_experts`, `mask_experts` and `save_pruned` check them against the model
+and record them without being told again.
 
 Decisions a reader of the results needs to know:
 
@@ -50,11 +55,11 @@ different (equally scored) experts.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,8 +68,9 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .architecture import MoELayer, UnsupportedModelError, expert_count_keys, find_moe_layers
-from .criteria import get_criterion
-from .statistics import file_hash
+from .criteria import ExpertScores
+from .provenance import versions
+from .statistics import StatisticsMismatchError
 
 PROVENANCE_FILE = "moepaper_pruning.json"
 
@@ -78,36 +84,85 @@ _SELECTION_BIASES = ("e_score_correction_bias",)
 Keep = Sequence[torch.Tensor | Sequence[int]]
 
 
+class KeptExperts(list):
+    """The experts kept in each MoE layer (sorted int64 tensors), with where they came from.
+
+    Attributes: ``layers`` (decoder-layer indices), ``num_experts`` (per layer, before pruning),
+    ``criterion`` (name and point, or None), ``ratio``, ``num_prune``, ``scope`` and
+    ``statistics`` (`ExpertStatistics.identity()`, or None). `save_pruned` records them.
+    """
+
+    def __init__(self, kept, *, layers, num_experts, criterion=None, ratio=None, num_prune=None, scope="layer",
+                 statistics=None):
+        super().__init__(kept)
+        self.layers = [int(i) for i in layers]
+        self.num_experts = [int(n) for n in num_experts]
+        self.criterion = criterion
+        self.ratio = ratio
+        self.num_prune = num_prune
+        self.scope = scope
+        self.statistics = statistics
+
+    @property
+    def num_removed(self) -> list[int]:
+        """Experts removed per layer."""
+        return [n - len(k) for n, k in zip(self.num_experts, self)]
+
+    def provenance(self) -> dict:
+        c = self.criterion
+        return {
+            "criterion": None if c is None else {"name": c.name, **dict(zip(("b", "alpha", "beta"), c.point or (None,) * 3))},
+            "ratio": self.ratio,
+            "num_prune": self.num_prune,
+            "scope": self.scope,
+            "num_removed": self.num_removed,
+            "statistics": self.statistics,
+        }
+
+    def __repr__(self) -> str:
+        name = self.criterion.name if self.criterion is not None else "given"
+        return f"KeptExperts({name}, ratio={self.ratio}, kept={[len(k) for k in self]} of {self.num_experts})"
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """The routing facts of one MoE layer that selection needs, from a model or from statistics."""
+
+    layer_index: int
+    num_experts: int
+    top_k: int
+    num_groups: int = 1
+    topk_group: int = 1
+
+
+def _facts(layers: list[MoELayer]) -> list[_Layer]:
+    return [_Layer(l.layer_index, l.num_experts, l.top_k, l.num_groups, l.topk_group) for l in layers]
+
+
 # --- checks shared by every entry point ------------------------------------------------------
 
 
-def _layer_names(layers: list[MoELayer]) -> str:
+def _layer_names(layers) -> str:
     return f"decoder layers {[l.layer_index for l in layers]}"
 
 
-def _check_statistics(layers: list[MoELayer], statistics) -> None:
-    """Raise unless `statistics` (anything with `layers` and `num_experts`) belong to these MoE layers."""
-    if statistics is None:
-        return
-    from .statistics import StatisticsMismatchError
-
-    got_layers = [int(i) for i in statistics.layers]
-    want_layers = [l.layer_index for l in layers]
-    if got_layers != want_layers:
+def _check_same_layers(model_layers: list[_Layer], given: list[_Layer], what: str) -> None:
+    """Raise StatisticsMismatchError unless `given` (from scores or a keep list) describe the model's MoE layers."""
+    got = [l.layer_index for l in given]
+    want = [l.layer_index for l in model_layers]
+    if got != want:
         raise StatisticsMismatchError(
-            f"statistics cover {len(got_layers)} MoE layers at decoder layers {got_layers}, but the model has "
-            f"{len(want_layers)} MoE layers at decoder layers {want_layers}: statistics of another model?"
+            f"{what} cover {len(got)} MoE layers at decoder layers {got}, but the model has "
+            f"{len(want)} MoE layers at decoder layers {want}: statistics of another model?"
         )
-    got_experts = [int(n) for n in statistics.num_experts]
-    want_experts = [l.num_experts for l in layers]
-    if got_experts != want_experts:
-        raise StatisticsMismatchError(
-            f"statistics have {got_experts} experts per MoE layer, but the model has {want_experts}: "
-            "statistics of another model, or of this model before it was pruned?"
-        )
+    for field in ("num_experts", "top_k", "num_groups"):
+        g, w = [getattr(l, field) for l in given], [getattr(l, field) for l in model_layers]
+        if g != w:
+            hint = "statistics of another model, or of this model before it was pruned?" if field == "num_experts" else "statistics of another model?"
+            raise StatisticsMismatchError(f"{what} have {field} {g} per MoE layer, but the model has {w}: {hint}")
 
 
-def _resolve_layers(model, layers) -> list[MoELayer] | None:
+def _model_layers(model, layers) -> list[MoELayer] | None:
     if layers is not None:
         return list(layers)
     if model is not None:
@@ -115,15 +170,8 @@ def _resolve_layers(model, layers) -> list[MoELayer] | None:
     return None
 
 
-def _num_groups(layer: MoELayer) -> int:
-    """Groups the router's top-k is limited by; 1 when selection ignores groups."""
-    if getattr(layer.router, "topk_method", None) == "greedy":  # DeepSeek-V2 greedy ignores n_group
-        return 1
-    return max(1, int(layer.num_groups))
-
-
-def _check_groups(layer: MoELayer, kept: torch.Tensor, where: str) -> None:
-    groups = _num_groups(layer)
+def _check_groups(layer: _Layer, kept: torch.Tensor, where: str) -> None:
+    groups = layer.num_groups
     if groups == 1:
         return
     per_group = layer.num_experts // groups
@@ -135,17 +183,16 @@ def _check_groups(layer: MoELayer, kept: torch.Tensor, where: str) -> None:
     if len(set(counts)) != 1:
         raise ValueError(
             f"{where}: keeps {counts} experts per group; {why}, so every group must keep the same number "
-            "(select_experts(scores, model=model, ...) removes the same number per group)"
+            "(select_experts removes the same number per group)"
         )
-    topk_group = int(getattr(layer.router, "topk_group", 1) or 1)
     if counts[0] < 2:
         raise ValueError(
             f"{where}: keeps {counts[0]} expert per group; {why}, and DeepSeek-V3 / GLM score a group by "
             "its two best experts, so every group must keep at least 2"
         )
-    if counts[0] * topk_group < layer.top_k:
+    if counts[0] * layer.topk_group < layer.top_k:
         raise ValueError(
-            f"{where}: the {topk_group} selected group(s) would hold {counts[0] * topk_group} experts, "
+            f"{where}: the {layer.topk_group} selected group(s) would hold {counts[0] * layer.topk_group} experts, "
             f"fewer than top_k={layer.top_k}; {why}"
         )
 
@@ -157,8 +204,11 @@ def _normalise_keep(layers: list[MoELayer], keep: Keep) -> list[torch.Tensor]:
             f"keep has {len(keep)} entries but the model has {len(layers)} MoE layers ({_layer_names(layers)}): "
             "one list of kept experts per MoE layer"
         )
+    if isinstance(keep, KeptExperts):
+        made_for = [_Layer(i, n, l.top_k, l.num_groups) for i, n, l in zip(keep.layers, keep.num_experts, layers)]
+        _check_same_layers(_facts(layers), made_for, "the kept experts")
     result = []
-    for position, (layer, kept) in enumerate(zip(layers, keep)):
+    for position, (layer, kept) in enumerate(zip(_facts(layers), keep)):
         where = f"keep[{position}] (decoder layer {layer.layer_index}, {layer.num_experts} experts)"
         kept = torch.as_tensor(kept).detach().cpu()
         if kept.dtype.is_floating_point or kept.dtype == torch.bool or kept.dim() != 1:
@@ -186,8 +236,8 @@ def _normalise_keep(layers: list[MoELayer], keep: Keep) -> list[torch.Tensor]:
 # --- choosing experts --------------------------------------------------------------------------
 
 
-def _num_removed(ratio: float, num_experts: int) -> int:
-    """round(ratio * num_experts), halves rounded up (0.25 of 64 -> 16, 0.5 of 9 -> 5)."""
+def num_removed(ratio: float, num_experts: int) -> int:
+    """Experts a ratio removes from a layer: round(ratio * num_experts), halves up (0.25 of 64 -> 16, 0.5 of 9 -> 5)."""
     return int(math.floor(ratio * num_experts + 0.5))
 
 
@@ -195,7 +245,7 @@ def _as_rows(scores) -> list[torch.Tensor]:
     if isinstance(scores, torch.Tensor):
         if scores.dim() != 2:
             raise ValueError(f"scores must be [num MoE layers, num experts] or a list of 1-D tensors; got shape {tuple(scores.shape)}")
-        rows = list(scores.detach().cpu())
+        rows = list(scores.detach().cpu().as_subclass(torch.Tensor))
     else:
         rows = [torch.as_tensor(s).detach().cpu() for s in scores]
         for i, row in enumerate(rows):
@@ -215,120 +265,114 @@ def _descending(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, descending=True, stable=True).indices
 
 
+def _score_layers(scores: ExpertScores) -> list[_Layer]:
+    return [_Layer(*facts) for facts in zip(scores.layers, scores.num_experts, scores.top_k, scores.num_groups, scores.topk_group)]
+
+
 def select_experts(
     scores,
     *,
     ratio: float | None = None,
     num_prune: int | None = None,
     scope: str = "layer",
-    top_k: int | None = None,
     model: nn.Module | None = None,
     layers: list[MoELayer] | None = None,
-    statistics=None,
-) -> list[torch.Tensor]:
-    """The experts to keep in each MoE layer, as sorted int64 index tensors.
+    top_k: int | None = None,
+) -> KeptExperts:
+    """The experts to keep in each MoE layer, as sorted int64 index tensors (a `KeptExperts` list).
 
-    scores: float [num MoE layers, num experts] (higher = more important), e.g.
-        ``expert_scores(stats, "man")``, or a list of 1-D tensors when layers differ in size.
-        A 2-D tensor zero-padded to the widest layer is cut to each layer's count when
-        `model` / `layers` / `statistics` give the counts.
+    scores: ``expert_scores(stats, criterion)`` (higher = more important): they carry each
+        layer's expert count, top-k and router groups, so nothing else is needed. A plain
+        float tensor [num MoE layers, num experts] or a list of 1-D tensors works too, with
+        `model`, `layers` or `top_k` to say the routing facts.
     ratio: fraction of experts removed, 0 < ratio < 1. ``scope="layer"``: round(ratio * E)
         (halves up) in every layer. ``scope="global"``: round(ratio * total experts) in all.
     num_prune: instead of ratio, experts removed per layer (``"layer"``) or in total (``"global"``).
     scope: ``"layer"`` removes the same number of lowest-scoring experts in every layer (the
-        paper's setting); ties keep the lower index. On group-limited routers (n_group > 1,
-        known from `model` / `layers`) the same number is removed in each group.
-        ``"global"`` ranks all experts together after dividing each layer's scores by that
-        layer's mean score, so an expert is compared by its share of its own layer's typical
-        importance (criteria differ in scale across depth; a plain global sort would empty the
-        layers with small norms). It needs non-negative scores, never keeps fewer than top_k in
-        a layer, breaks ties by removing the higher expert index, then the later layer, first,
-        and is refused on group-limited routers. Its per-layer counts differ: evaluate it with
-        `mask_experts`, since `prune_experts` only saves uniform counts.
-    top_k / model / layers: top-k must be known to refuse pruning below it: from `layers`
-        (``find_moe_layers`` output), from `model`, from ``statistics.top_k``, or given here.
-    statistics: optional ``ExpertStatistics`` (``layers``, ``num_experts``) checked against the model.
+        paper's setting); ties keep the lower index. On group-limited routers (n_group > 1)
+        the same number is removed in each group. ``"global"`` ranks all experts together
+        after dividing each layer's scores by that layer's mean score, so an expert is
+        compared by its share of its own layer's typical importance (criteria differ in scale
+        across depth; a plain global sort would empty the layers with small norms). It needs
+        non-negative scores, never keeps fewer than top_k in a layer, breaks ties by removing
+        the higher expert index, then the later layer, first, and is refused on group-limited
+        routers. Its per-layer counts differ: evaluate it with `mask_experts`, since
+        `prune_experts` only saves uniform counts.
+    model / layers: optional; checked against what the scores carry (a mismatch raises
+        `StatisticsMismatchError`), or the source of the routing facts for plain tensors.
+    top_k: the top-k of plain-tensor scores when no model is given.
     """
     if (ratio is None) == (num_prune is None):
         raise ValueError("give exactly one of ratio= (fraction removed) and num_prune= (experts removed)")
-    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
+    if ratio is not None and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 1):
         raise ValueError(f"ratio={ratio!r} must satisfy 0 < ratio < 1 (the fraction of experts removed)")
     if num_prune is not None and (isinstance(num_prune, bool) or not isinstance(num_prune, int) or num_prune < 1):
         raise ValueError(f"num_prune={num_prune!r} must be a positive integer (experts removed)")
     rows = _as_rows(scores)
-    moe = _resolve_layers(model, layers)
+    moe = _model_layers(model, layers)
+    facts = _score_layers(scores) if isinstance(scores, ExpertScores) else None
     if moe is not None:
-        _check_statistics(moe, statistics)
-        if len(rows) != len(moe):
+        if facts is not None:
+            _check_same_layers(_facts(moe), facts, "the scores' statistics")
+        facts = _facts(moe)
+    if facts is None:
+        if top_k is None:
             raise ValueError(
-                f"scores have {len(rows)} layers but the model has {len(moe)} MoE layers ({_layer_names(moe)})"
+                "top_k is unknown, so pruning below it cannot be refused: pass scores from expert_scores(stats, ...), "
+                "or model=, layers= (find_moe_layers) or top_k="
             )
-        counts = [l.num_experts for l in moe]
-    elif statistics is not None:
-        counts = [int(n) for n in statistics.num_experts]
-        if len(rows) != len(counts):
-            raise ValueError(f"scores have {len(rows)} layers but the statistics have {len(counts)} MoE layers")
-    else:
-        counts = [r.numel() for r in rows]
-    for i, (row, count) in enumerate(zip(rows, counts)):
-        padded = row.numel() == max(counts) and bool((row[count:] == 0).all())
-        if row.numel() != count and not padded:
-            raise ValueError(f"scores[{i}] has {row.numel()} experts but MoE layer {i} has {count} experts")
-        rows[i] = row[:count]
+        facts = [_Layer(i, r.numel(), int(top_k)) for i, r in enumerate(rows)]
+    elif top_k is not None and any(l.top_k != top_k for l in facts):
+        raise ValueError(f"top_k={top_k} disagrees with the model's top-k {[l.top_k for l in facts]}")
+    if len(rows) != len(facts):
+        raise ValueError(f"scores have {len(rows)} layers but the model has {len(facts)} MoE layers ({_layer_names(facts)})")
+    widest = max(l.num_experts for l in facts)
+    for i, (row, layer) in enumerate(zip(rows, facts)):
+        padded = row.numel() == widest and bool((row[layer.num_experts:] == 0).all())
+        if row.numel() != layer.num_experts and not padded:
+            raise ValueError(f"scores[{i}] has {row.numel()} experts but MoE layer {i} has {layer.num_experts} experts")
+        rows[i] = row[: layer.num_experts]
 
-    # top-k per layer
-    known = [l.top_k for l in moe] if moe is not None else None
-    if known is None and statistics is not None and getattr(statistics, "top_k", None) is not None:
-        known = [int(k) for k in statistics.top_k] if not isinstance(statistics.top_k, int) else [statistics.top_k] * len(rows)
-    if top_k is not None:
-        if known is not None and any(k != top_k for k in known):
-            raise ValueError(f"top_k={top_k} disagrees with the model's top-k {known}")
-        known = [int(top_k)] * len(rows)
-    if known is None:
-        raise ValueError(
-            "top_k is unknown, so pruning below it cannot be refused: pass model=, layers= (find_moe_layers) or top_k="
-        )
-    top_ks = known
-    groups = [_num_groups(l) for l in moe] if moe is not None else [1] * len(rows)
-
-
+    criterion = getattr(scores, "criterion", None)
+    provenance = dict(layers=[l.layer_index for l in facts], num_experts=[l.num_experts for l in facts], criterion=criterion,
+                      ratio=ratio, num_prune=num_prune, scope=scope, statistics=getattr(scores, "statistics", None))
     if scope == "layer":
-        keep = []
-        for i, row in enumerate(rows):
-            E, k, G = row.numel(), top_ks[i], groups[i]
-            removed = num_prune if num_prune is not None else _num_removed(ratio, E)
-            if removed < 1:
-                raise ValueError(f"ratio={ratio} of {E} experts removes no expert (round({ratio} x {E}) = 0)")
-            if E - removed < k:
-                raise ValueError(
-                    f"removing {removed} of {E} experts in MoE layer {i} leaves {E - removed}, fewer than top_k={k}"
-                )
-            if removed % G:
-                raise ValueError(
-                    f"removing {removed} of {E} experts in MoE layer {i}: its router is group-limited "
-                    f"(n_group={G}) and needs the same number removed from each of its {G} groups; "
-                    f"choose a count divisible by {G}"
-                )
-            per_group = E // G
-            kept = []
-            for g in range(G):
-                group = row[g * per_group : (g + 1) * per_group]
-                kept.append(_descending(group)[: per_group - removed // G] + g * per_group)
-            kept = torch.sort(torch.cat(kept)).values
-            if moe is not None:
-                _check_groups(moe[i], kept, f"MoE layer {i} (decoder layer {moe[i].layer_index})")
-            keep.append(kept)
-        return keep
-
+        return KeptExperts([_keep_in_layer(i, row, layer, ratio, num_prune) for i, (row, layer) in enumerate(zip(rows, facts))],
+                           **provenance)
     if scope != "global":
         raise ValueError(f"scope={scope!r}: expected 'layer' or 'global'")
-    if any(g > 1 for g in groups):
+    return KeptExperts(_keep_global(rows, facts, ratio, num_prune), **provenance)
+
+
+def _keep_in_layer(i: int, row: torch.Tensor, layer: _Layer, ratio, num_prune) -> torch.Tensor:
+    E, k, G = row.numel(), layer.top_k, layer.num_groups
+    removed = num_prune if num_prune is not None else num_removed(ratio, E)
+    if removed < 1:
+        raise ValueError(f"ratio={ratio} of {E} experts removes no expert (round({ratio} x {E}) = 0)")
+    if E - removed < k:
+        raise ValueError(f"removing {removed} of {E} experts in MoE layer {i} leaves {E - removed}, fewer than top_k={k}")
+    if removed % G:
+        raise ValueError(
+            f"removing {removed} of {E} experts in MoE layer {i}: its router is group-limited "
+            f"(n_group={G}) and needs the same number removed from each of its {G} groups; "
+            f"choose a count divisible by {G}"
+        )
+    per_group = E // G
+    kept = [_descending(row[g * per_group : (g + 1) * per_group])[: per_group - removed // G] + g * per_group for g in range(G)]
+    kept = torch.sort(torch.cat(kept)).values
+    _check_groups(layer, kept, f"MoE layer {i} (decoder layer {layer.layer_index})")
+    return kept
+
+
+def _keep_global(rows: list[torch.Tensor], facts: list[_Layer], ratio, num_prune) -> list[torch.Tensor]:
+    if any(l.num_groups > 1 for l in facts):
         raise ValueError(
             "scope='global' is refused on group-limited routers (n_group > 1): it gives each group its own "
             "count, and the router needs equal groups; use scope='layer'"
         )
+    top_ks = [l.top_k for l in facts]
     total = sum(r.numel() for r in rows)
-    removed = num_prune if num_prune is not None else _num_removed(ratio, total)
+    removed = num_prune if num_prune is not None else num_removed(ratio, total)
     removable = sum(r.numel() - k for r, k in zip(rows, top_ks))
     if removed < 1:
         raise ValueError(f"ratio={ratio} of {total} experts removes no expert")
@@ -400,7 +444,7 @@ def _replace(module: nn.Module, attr: str, new: torch.Tensor) -> None:
         raise UnsupportedModelError(f"{type(module).__name__}.{attr} is neither a parameter nor a buffer")
 
 
-def prune_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None = None, statistics=None) -> nn.Module:
+def prune_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None = None) -> nn.Module:
     """Remove every expert not in `keep` from `model`, in place; returns `model`.
 
     keep: one list (or int tensor) of kept expert indices per MoE layer, as from
@@ -408,7 +452,8 @@ def prune_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None
         Every layer must keep the same number (see the module docstring), at least top_k,
         and on group-limited routers the same number per group.
     layers: ``find_moe_layers(model)``, if already computed (its entries are updated).
-    statistics: optional ``ExpertStatistics``, checked against the model before anything changes.
+    A `KeptExperts` made for another model (other layers or expert counts) is refused before
+    anything changes.
 
     Slices every per-expert tensor the architecture layer found (expert weights and biases,
     router rows, router bias, selection-correction biases) along its expert dim, keeping
@@ -420,7 +465,6 @@ def prune_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None
     masked = _masked_routers(layers)
     if masked:
         raise RuntimeError(f"cannot prune inside mask_experts (decoder layers {masked} are masked); leave the context first")
-    _check_statistics(layers, statistics)
     keep = _normalise_keep(layers, keep)
     counts = sorted({k.numel() for k in keep})
     if len(counts) > 1:
@@ -503,7 +547,7 @@ def _masked_forward(router: nn.Module, forward, removed: torch.Tensor, where: st
 
 
 @contextmanager
-def mask_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None = None, statistics=None):
+def mask_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None = None):
     """Take the experts not in `keep` out of routing while the context is open.
 
     The model computes what ``prune_experts(model, keep)`` would make it compute (same logits
@@ -514,8 +558,7 @@ def mask_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None 
     come back, whether or not the body raised. ``router_logits`` returned by the model (for
     aux losses) hold -inf for removed experts while masked.
     """
-    layers = _resolve_layers(model, layers)
-    _check_statistics(layers, statistics)
+    layers = _model_layers(model, layers)
     keep = _normalise_keep(layers, keep)
     # refuse unknown per-expert router tensors before anything changes
     for layer in layers:
@@ -565,62 +608,17 @@ def _restore_forward(router: nn.Module, previous) -> None:
 # --- saving ----------------------------------------------------------------------------------
 
 
-def statistics_hash(path: str | Path) -> str:
-    """sha256 of a statistics file (`statistics.file_hash`), or of every file under a folder, by relative path."""
-    path = Path(path)
-    if not path.is_dir():
-        return file_hash(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _criterion_record(criterion) -> dict | None:
-    if criterion is None:
-        return None
-    if hasattr(criterion, "b") and hasattr(criterion, "alpha") and hasattr(criterion, "beta"):
-        return {"name": getattr(criterion, "name", None), "b": criterion.b, "alpha": criterion.alpha, "beta": criterion.beta}
-    if isinstance(criterion, str):
-        try:
-            c = get_criterion(criterion)
-            return {"name": criterion, "b": c.b, "alpha": c.alpha, "beta": c.beta}
-        except ValueError:  # outside the family (e.g. "mone"): the name alone
-            return {"name": criterion, "b": None, "alpha": None, "beta": None}
-    b, alpha, beta = criterion
-    return {"name": f"S({b},{alpha},{beta})", "b": b, "alpha": alpha, "beta": beta}
-
-
-def save_pruned(
-    model: nn.Module,
-    tokenizer,
-    path: str | Path,
-    *,
-    keep: Keep,
-    criterion=None,
-    ratio: float | None = None,
-    num_prune: int | None = None,
-    scope: str | None = "layer",
-    statistics_file: str | Path | None = None,
-    num_experts_before: int | None = None,
-    extra: dict | None = None,
-    **save_kwargs,
-) -> Path:
+def save_pruned(model: nn.Module, tokenizer, path: str | Path, keep: Keep, *, extra: dict | None = None, **save_kwargs) -> Path:
     """``save_pretrained`` a model pruned with ``prune_experts(model, keep)``, plus its provenance.
 
     Writes the checkpoint (and `tokenizer`, unless None) to `path`, and beside it
-    ``moepaper_pruning.json``: criterion name and (b, alpha, beta) (a ``Criterion``, a name,
-    or a point), ratio / num_prune, scope, the kept original expert indices per decoder layer,
-    the sha256 of `statistics_file`, moepaper / transformers / torch versions, and `extra`.
-    Checks that `keep` matches the pruned model and that config.json carries the family's
-    checkpoint expert-count keys (Qwen3-MoE: ``num_experts`` and ``num_local_experts``).
+    ``moepaper_pruning.json``: what `keep` carries (criterion name and (b, alpha, beta), ratio,
+    scope, experts removed per layer, the statistics' identity and checksum; None for a plain
+    list), the kept original expert indices per decoder layer, moepaper / transformers / torch
+    versions, and `extra`. Checks that `keep` matches the pruned model and that config.json
+    carries the family's checkpoint expert-count keys (Qwen3-MoE: ``num_experts`` and
+    ``num_local_experts``).
     """
-    from . import __version__
-    import transformers
-
     path = Path(path)
     layers = find_moe_layers(model)
     if len(keep) != len(layers):
@@ -632,6 +630,8 @@ def save_pruned(
                 f"keep lists {len(k)} experts for decoder layer {layer.layer_index} but the model has "
                 f"{layer.num_experts} there: call prune_experts(model, keep) before save_pruned"
             )
+    if isinstance(keep, KeptExperts) and keep.layers != [l.layer_index for l in layers]:
+        raise StatisticsMismatchError(f"keep was made for decoder layers {keep.layers}, the model has {_layer_names(layers)}")
     write_checkpoint_count_keys(model.config)
     model.save_pretrained(path, **save_kwargs)
     if tokenizer is not None:
@@ -644,24 +644,18 @@ def save_pruned(
     if wrong:
         raise RuntimeError(f"config.json written to {path} has expert counts {wrong}, expected {count}")
 
+    selection = keep.provenance() if isinstance(keep, KeptExperts) else dict.fromkeys(
+        ("criterion", "ratio", "num_prune", "scope", "num_removed", "statistics"))
     record = {
-        "moepaper_version": __version__,
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
+        "versions": versions(),
         "model_class": type(model).__name__,
         "model_type": model.config.model_type,
         "base_model": getattr(model.config, "_name_or_path", None) or None,
-        "criterion": _criterion_record(criterion),
-        "ratio": ratio,
-        "num_prune": num_prune,
-        "scope": scope,
-        "num_experts_before": num_experts_before,
+        **selection,
+        "num_experts_before": keep.num_experts[0] if isinstance(keep, KeptExperts) else None,
         "num_experts_after": count,
         "top_k": layers[0].top_k,
         "kept": [{"layer": l.layer_index, "experts": k} for l, k in zip(layers, kept)],
-        "statistics": None
-        if statistics_file is None
-        else {"file": str(statistics_file), "sha256": statistics_hash(statistics_file)},
         "extra": extra or {},
     }
     (path / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

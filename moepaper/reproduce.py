@@ -16,6 +16,11 @@ Configurations (`--config`):
     embedded  (default) the embedded model on CPU: outputs in data/ and figures/
     paper     the paper's four models on GPU (needs the Hub and a GPU): outputs in runs/paper/
     tiny      a tiny random Qwen3-MoE, a few items per task (CI): outputs in runs/tiny/
+
+Every path is under the project root: the checkout the command runs in (or
+``--root``), never the checkout moepaper happens to be installed from. This module is the
+only one that decides where outputs go; notebooks receive paths relative to that root and
+run with it as their working directory.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = REPO_ROOT / "notebooks"
-RUNS = REPO_ROOT / "runs"
+from .pipeline.models import PAPER_MODELS
+from .pipeline.results import TASK_AGNOSTIC, TASK_SPECIFIC, slug
+from .project import DATA, FIGURES, NOTEBOOKS, RUNS, project_root
+
+KERNEL_NAME = "moepaper"  # the kernel every notebook names; installed inside the virtual environment
 
 
 @dataclass
@@ -51,14 +58,15 @@ class ModelRun:
 class RunConfig:
     name: str
     models: list[ModelRun]
-    statistics_dir: Path
-    results_dir: Path
-    figures_dir: Path
+    statistics_dir: str  # relative to the project root
+    results_dir: str
+    figures_dir: str
     science: dict = field(default_factory=dict)  # parameters of 00 and 03 (None: skip them)
     run_science: bool = True
 
 
-TASK_AGNOSTIC, TASK_SPECIFIC = "task-agnostic", "task-specific"
+# Fractions of experts removed per paper model (25% on all four, 50% on ERNIE and Qwen3).
+PAPER_RATIOS = {"olmoe": [0.25], "deepseek_v2_lite": [0.25], "ernie": [0.25, 0.5], "qwen3": [0.25, 0.5]}
 
 
 def _configs() -> dict[str, RunConfig]:
@@ -71,32 +79,29 @@ def _configs() -> dict[str, RunConfig]:
         "embedded": RunConfig(
             name="embedded",
             models=[ModelRun("embedded", "embedded", embedded_cal, [0.25, 0.5], dict(n_sequences=80, seq_len=512),
-                             dict(suite="local", criteria="named", batch_size=32), dict(threads=1))],
-            statistics_dir=REPO_ROOT / "data" / "statistics",
-            results_dir=REPO_ROOT / "data" / "results",
-            figures_dir=REPO_ROOT / "figures",
+                             dict(suite="local", criteria="grid", batch_size=32), dict(threads=1))],
+            statistics_dir=f"{DATA}/statistics",
+            results_dir=f"{DATA}/results",
+            figures_dir=FIGURES,
             science=dict(figures_dir="figures"),
         ),
         "paper": RunConfig(
             name="paper",
             models=[
-                ModelRun("olmoe", "allenai/OLMoE-1B-7B-0125-Instruct", paper_cal, [0.25], gpu_collect, gpu_eval, gpu),
-                ModelRun("deepseek_v2_lite", "deepseek-ai/DeepSeek-V2-Lite-Chat", paper_cal, [0.25], gpu_collect, gpu_eval, gpu),
-                ModelRun("ernie", "baidu/ERNIE-4.5-21B-A3B-PT", paper_cal, [0.25, 0.5], gpu_collect, gpu_eval, gpu),
-                ModelRun("qwen3", "Qwen/Qwen3-30B-A3B-Instruct-2507", paper_cal, [0.25, 0.5], gpu_collect, gpu_eval, gpu),
+                ModelRun(key, key, paper_cal, PAPER_RATIOS[key], gpu_collect, gpu_eval, gpu) for key in PAPER_MODELS
             ],
-            statistics_dir=RUNS / "paper" / "statistics",
-            results_dir=RUNS / "paper" / "results",
-            figures_dir=RUNS / "paper" / "figures",
+            statistics_dir=f"{RUNS}/paper/statistics",
+            results_dir=f"{RUNS}/paper/results",
+            figures_dir=f"{RUNS}/paper/figures",
             run_science=False,
         ),
         "tiny": RunConfig(
             name="tiny",
             models=[ModelRun("tiny-qwen3", "tiny:qwen3_moe", {"embedded:mixed": TASK_AGNOSTIC, "embedded:code": TASK_SPECIFIC},
                              [0.25], dict(n_sequences=4, seq_len=32, batch_size=4), dict(suite="smoke", criteria=["man", "frequency"]))],
-            statistics_dir=RUNS / "tiny" / "statistics",
-            results_dir=RUNS / "tiny" / "results",
-            figures_dir=RUNS / "tiny" / "figures",
+            statistics_dir=f"{RUNS}/tiny/statistics",
+            results_dir=f"{RUNS}/tiny/results",
+            figures_dir=f"{RUNS}/tiny/figures",
             science=dict(model="tiny:qwen3_moe"),
         ),
     }
@@ -105,58 +110,51 @@ def _configs() -> dict[str, RunConfig]:
 CONFIGS = _configs()
 
 
-def _slug(text: str) -> str:
-    from .results import slug
+def ensure_kernel() -> str:
+    """The notebooks' kernel, for this very interpreter, inside its environment (``sys.prefix``).
 
-    return slug(text)
-
-
-KERNEL_NAME = "moepaper-reproduce"
-
-
-def _kernel_name() -> str:
-    """A kernelspec for this very interpreter, in a private folder on JUPYTER_PATH.
-
-    A user-level kernel named "moepaper" points at whichever virtual environment last
-    registered it (another clone, say); this one always runs the moepaper being used here.
+    `make test` installs it the same way (``ipykernel install --sys-prefix``), so nothing is
+    written to the user's home and two clones never share a kernel. The environment's kernel
+    folder is put first on JUPYTER_PATH, so a stale user-level kernel of the same name (from
+    an older install) cannot take its place.
     """
-    folder = RUNS / ".jupyter"
-    spec_dir = folder / "kernels" / KERNEL_NAME
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python (moepaper reproduce)", "language": "python"}
-    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
-    paths = os.environ.get("JUPYTER_PATH", "").split(os.pathsep)
-    if str(folder) not in paths:
-        os.environ["JUPYTER_PATH"] = os.pathsep.join([str(folder)] + [p for p in paths if p])
+    prefix_dir = Path(sys.prefix) / "share" / "jupyter"
+    spec = prefix_dir / "kernels" / KERNEL_NAME / "kernel.json"
+    if not spec.exists() or json.loads(spec.read_text())["argv"][0] != sys.executable:
+        from ipykernel.kernelspec import install
+
+        install(kernel_name=KERNEL_NAME, display_name="Python (moepaper)", prefix=sys.prefix)
+    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    if str(prefix_dir) not in paths:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([str(prefix_dir)] + paths)
     return KERNEL_NAME
 
 
-def _fingerprint(notebook: str, parameters: dict) -> str:
-    source = (NOTEBOOKS / notebook).read_bytes()
+def _fingerprint(root: Path, notebook: str, parameters: dict) -> str:
+    source = (root / NOTEBOOKS / notebook).read_bytes()
     blob = json.dumps(parameters, sort_keys=True, default=str).encode() + source
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def run_notebook(notebook: str, output: Path, parameters: dict, *, force: bool = False) -> bool:
-    """Execute `notebook` into `output` with papermill; skip if done with the same parameters. True if run."""
+def run_notebook(notebook: str, output: Path, parameters: dict, *, root: Path, force: bool = False) -> bool:
+    """Execute `notebook` into `output` with papermill, in `root`; skip if done with the same parameters. True if run."""
     import papermill
 
     marker = output.with_suffix(".done")
-    fingerprint = _fingerprint(notebook, parameters)
+    fingerprint = _fingerprint(root, notebook, parameters)
     if not force and marker.exists() and marker.read_text().strip() == fingerprint and output.exists():
-        print(f"  = {output.relative_to(REPO_ROOT)} (done)", flush=True)
+        print(f"  = {output.relative_to(root)} (done)", flush=True)
         return False
     output.parent.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
     started = time.time()
-    print(f"  > {notebook} -> {output.relative_to(REPO_ROOT)}", flush=True)
+    print(f"  > {notebook} -> {output.relative_to(root)}", flush=True)
     papermill.execute_notebook(
-        str(NOTEBOOKS / notebook),
+        str(root / NOTEBOOKS / notebook),
         str(output),
         parameters=parameters,
-        kernel_name=_kernel_name(),
-        cwd=str(NOTEBOOKS),
+        kernel_name=ensure_kernel(),
+        cwd=str(root),
         progress_bar=False,
     )
     marker.write_text(fingerprint + "\n")
@@ -164,33 +162,29 @@ def run_notebook(notebook: str, output: Path, parameters: dict, *, force: bool =
     return True
 
 
-def _rel(path: Path) -> str:
-    """Notebook parameters hold paths relative to the repository root."""
-    return str(path.relative_to(REPO_ROOT))
-
-
-def plan(config: RunConfig) -> list[tuple[str, Path, dict]]:
-    """The (notebook, executed copy, parameters) steps of a configuration, in order."""
-    out = RUNS / config.name
+def plan(config: RunConfig, root: Path) -> list[tuple[str, Path, dict]]:
+    """The (notebook, executed copy, parameters) steps of a configuration, in order; paths in
+    parameters are relative to `root`, executed copies under ``root/runs/<config>``."""
+    out = root / RUNS / config.name
     steps = []
     statistics_by_model: dict[str, dict[str, str]] = {}
     for m in config.models:
         for source, setting in m.calibrations.items():
-            stats_path = _rel(config.statistics_dir / _slug(m.name) / f"{_slug(source)}.safetensors")
+            stats_path = f"{config.statistics_dir}/{slug(m.name)}/{slug(source)}.safetensors"
             statistics_by_model.setdefault(m.name, {})[source] = stats_path
-            tag = f"{_slug(m.name)}__{_slug(source)}"
+            tag = f"{slug(m.name)}__{slug(source)}"
             steps.append(("01_collect_statistics.ipynb", out / f"01__{tag}.ipynb",
                           dict(model=m.model, model_name=m.name, calibration=source, output=stats_path, **m.load, **m.collect)))
             steps.append(("02_prune_and_evaluate.ipynb", out / f"02__{tag}.ipynb",
                           dict(model=m.model, model_name=m.name, statistics=stats_path, setting=setting,
-                               ratios=m.ratios, results_dir=_rel(config.results_dir), **m.load, **m.evaluate)))
+                               ratios=m.ratios, results_dir=config.results_dir, **m.load, **m.evaluate)))
     if config.run_science:
         steps.append(("00_formulation.ipynb", out / "00_formulation.ipynb", dict(config.science)))
         steps.append(("03_damage_check.ipynb", out / "03_damage_check.ipynb", dict(config.science)))
     for m in config.models:
-        steps.append(("04_tables_and_figures.ipynb", out / f"04__{_slug(m.name)}.ipynb",
-                      dict(model_name=m.name, results_dir=_rel(config.results_dir),
-                           statistics=statistics_by_model[m.name], figures_dir=_rel(config.figures_dir))))
+        steps.append(("04_tables_and_figures.ipynb", out / f"04__{slug(m.name)}.ipynb",
+                      dict(model_name=m.name, results_dir=config.results_dir,
+                           statistics=statistics_by_model[m.name], figures_dir=config.figures_dir)))
     return steps
 
 
@@ -200,21 +194,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="run only these notebooks (e.g. 04_tables_and_figures.ipynb)")
     parser.add_argument("--force", action="store_true", help="re-execute notebooks already done (results on disk are still reused)")
     parser.add_argument("--list", action="store_true", help="print the steps and exit")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="the checkout to read from and write to (default: the one holding the current directory)")
     args = parser.parse_args(argv)
     config = CONFIGS[args.config]
-    steps = plan(config)
+    root = project_root(args.root)
+    steps = plan(config, root)
     if args.only:
         steps = [s for s in steps if s[0] in args.only or s[0].split("_")[0] in args.only]
     if args.list:
         for notebook, output, parameters in steps:
-            print(notebook, output.relative_to(REPO_ROOT), json.dumps(parameters))
+            print(notebook, output.relative_to(root), json.dumps(parameters))
         return 0
     started = time.time()
-    print(f"moepaper.reproduce: configuration {config.name!r}, {len(steps)} notebook runs; executed copies in runs/{config.name}/")
+    print(f"moepaper.reproduce: configuration {config.name!r} in {root}, {len(steps)} notebook runs; "
+          f"executed copies in {RUNS}/{config.name}/")
     for i, (notebook, output, parameters) in enumerate(steps, 1):
         print(f"[{i}/{len(steps)}] {notebook}", flush=True)
-        run_notebook(notebook, output, parameters, force=args.force)
-    print(f"done in {time.time() - started:.0f} s: tables and figures in {config.figures_dir.relative_to(REPO_ROOT)}/")
+        run_notebook(notebook, output, parameters, root=root, force=args.force)
+    print(f"done in {time.time() - started:.0f} s: tables and figures in {config.figures_dir}/")
     return 0
 
 

@@ -18,7 +18,6 @@ Accumulated in float64, per MoE layer l and expert j:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import types
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .architecture import ROUTER_SCORE_FUNCTION, MoELayer, find_moe_layers
+from .provenance import package_version, tensors_sha256
 
 GATES = ("routing_weight", "router_probability")
 _POWERS = (0, 1, 2)
@@ -50,7 +50,9 @@ class ExpertStatistics:
 
     Tensors are indexed [MoE layer position, expert]; `layers` maps positions to
     decoder-layer indices. Layers with fewer experts than the widest are zero-padded
-    (`num_experts` holds each layer's real count).
+    (`num_experts` holds each layer's real count). `top_k`, `num_groups` and `topk_group`
+    are each layer's routing facts, so scores and selections made from these statistics
+    need no model.
     """
 
     layers: list[int]
@@ -60,6 +62,39 @@ class ExpertStatistics:
     output_sum: torch.Tensor  # (L, E, H) float64
     tokens: torch.Tensor  # (L,) float64
     metadata: dict = field(default_factory=dict)
+    num_groups: list[int] | None = None  # router groups per layer (group-limited routing); None: 1 each
+    topk_group: list[int] | None = None  # groups a token may use per layer; None: 1 each
+
+    def __post_init__(self):
+        self.num_groups = [1] * len(self.layers) if self.num_groups is None else [int(g) for g in self.num_groups]
+        self.topk_group = [1] * len(self.layers) if self.topk_group is None else [int(g) for g in self.topk_group]
+
+    def __repr__(self) -> str:
+        meta = self.metadata
+        experts = sorted(set(self.num_experts))
+        return (
+            f"ExpertStatistics(model={meta.get('model_name') or meta.get('model_class')!r}, "
+            f"layers={len(self.layers)}, experts={experts[0] if len(experts) == 1 else experts}, "
+            f"top_k={sorted(set(self.top_k))[0] if len(set(self.top_k)) == 1 else self.top_k}, "
+            f"tokens={int(meta.get('token_count', 0))}, gate={meta.get('gate')!r})"
+        )
+
+    @property
+    def checksum(self) -> str:
+        """sha256 of the tensors: what identifies these statistics in scores, selections and results."""
+        return tensors_sha256({"moments": self.moments, "output_sum": self.output_sum, "tokens": self.tokens})
+
+    def identity(self) -> dict:
+        """A short record of these statistics for provenance (model, calibration, gate, tokens, checksum)."""
+        meta = self.metadata
+        return {
+            "model_name": meta.get("model_name"),
+            "model_class": meta.get("model_class"),
+            "calibration": meta.get("calibration"),
+            "gate": meta.get("gate"),
+            "token_count": meta.get("token_count"),
+            "checksum": self.checksum,
+        }
 
     @property
     def count(self) -> torch.Tensor:
@@ -95,7 +130,7 @@ class ExpertStatistics:
             )
 
     def _check_compatible(self, other: ExpertStatistics) -> None:
-        for key in ("layers", "num_experts", "top_k"):
+        for key in ("layers", "num_experts", "top_k", "num_groups", "topk_group"):
             if getattr(self, key) != getattr(other, key):
                 raise StatisticsMismatchError(f"cannot merge statistics with different {key}: {getattr(self, key)} vs {getattr(other, key)}")
         for key in ("model_class", "gate"):
@@ -122,13 +157,16 @@ class ExpertStatistics:
             output_sum=self.output_sum + other.output_sum.to(self.output_sum.device),
             tokens=self.tokens + other.tokens.to(self.tokens.device),
             metadata=meta,
+            num_groups=list(self.num_groups),
+            topk_group=list(self.topk_group),
         )
 
     def save(self, path: str | Path) -> Path:
         """Write one safetensors file; the JSON metadata lives in its header. Atomic."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(self.metadata, layers=self.layers, num_experts=self.num_experts, top_k=self.top_k)
+        meta = dict(self.metadata, layers=self.layers, num_experts=self.num_experts, top_k=self.top_k,
+                    num_groups=self.num_groups, topk_group=self.topk_group)
         tmp = path.with_name(path.name + ".tmp")
         save_file(
             {"moments": self.moments.contiguous(), "output_sum": self.output_sum.contiguous(), "tokens": self.tokens.contiguous()},
@@ -158,17 +196,10 @@ class ExpertStatistics:
             moments=tensors["moments"],
             output_sum=tensors["output_sum"],
             tokens=tensors["tokens"],
+            num_groups=meta.pop("num_groups", None),
+            topk_group=meta.pop("topk_group", None),
             metadata=meta,
         )
-
-
-def file_hash(path: str | Path) -> str:
-    """sha256 of a file (statistics provenance)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- the recording experts forward -------------------------------------------------------
@@ -368,8 +399,6 @@ def collect_statistics(
 
     moments = torch.stack([pad(r.moments).view(3, 3, -1) for r in recorders])
     output_sum = torch.stack([torch.nn.functional.pad(r.output_sum.cpu(), (0, 0, 0, widest - r.output_sum.shape[0])) for r in recorders])
-    from . import __version__
-
     metadata = {
         "model_class": type(model).__name__,
         "model_name": model_name or getattr(model.config, "_name_or_path", "") or "",
@@ -378,7 +407,7 @@ def collect_statistics(
         "token_count": token_count,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "gate": gate,
-        "moepaper_version": __version__,
+        "moepaper_version": package_version(),
         "seconds": round(time.time() - started, 3),
     }
     return ExpertStatistics(
@@ -389,4 +418,6 @@ def collect_statistics(
         output_sum=output_sum,
         tokens=torch.stack([r.tokens.cpu() for r in recorders]),
         metadata=metadata,
+        num_groups=[l.num_groups for l in moe],
+        topk_group=[l.topk_group for l in moe],
     )

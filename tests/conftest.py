@@ -10,7 +10,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest
 import torch
 
-from moepaper.tiny import FAMILIES, PAPER_FAMILIES, random_batch, tiny_model
+from moepaper.testbed.tiny import FAMILIES, PAPER_FAMILIES, random_batch, tiny_model
 
 # one thread: tiny models are dominated by thread overhead (20-60x slower with 2 on a busy machine)
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ Sources (`SOURCES` below is the one table of ids, splits and fields):
   Chat-style samples are formatted with the tokenizer's chat template when it has one,
   else as the turns' texts separated by blank lines.
 - ``"embedded:literature"``, ``"embedded:code"``, ``"embedded:math"``: the calibration
-  split of one domain of the embedded corpus (`moepaper.corpus`), offline.
+  split of one domain of the embedded corpus (`moepaper.testbed.corpus`), offline.
 - ``"embedded:mixed"``: the three embedded domains interleaved document by document in
   equal shares: the task-agnostic calibration set of the embedded model.
 
@@ -150,9 +150,9 @@ def _hub_documents(key: str, seed: int) -> Iterator[dict]:
     yield from dataset
 
 
-def _embedded_documents(key: str, seed: int) -> Iterator[str]:
-    """Calibration-split documents of the embedded corpus, shuffled; "mixed" interleaves domains."""
-    from .corpus import DOMAINS, read_split
+def _embedded_documents(key: str, seed: int, split: str = "calibration") -> Iterator[str]:
+    """Documents of one split of the embedded corpus, shuffled; "mixed" interleaves domains."""
+    from ..testbed.corpus import DOMAINS, read_split
 
     domain = key[len(EMBEDDED_PREFIX):]
     if domain != "mixed" and domain not in DOMAINS:
@@ -160,8 +160,8 @@ def _embedded_documents(key: str, seed: int) -> Iterator[str]:
     domains = DOMAINS if domain == "mixed" else (domain,)
     per_domain = []
     for d in domains:
-        documents = read_split(d, "calibration")
-        random.Random(f"{seed}-{d}").shuffle(documents)
+        documents = read_split(d, split)
+        random.Random(f"{seed}-{d}" if split == "calibration" else f"{seed}-{d}-{split}").shuffle(documents)
         per_domain.append(documents)
     # round-robin: equal shares of documents from each domain while all last
     for i in range(max(len(docs) for docs in per_domain)):
@@ -186,11 +186,16 @@ def format_record(record: dict, source: HubSource, tokenizer) -> str:
     return "\n\n".join(m["content"] for m in messages)
 
 
-def calibration_texts(source: str, tokenizer=None, *, seed: int = 0) -> Iterator[str]:
-    """The documents of `source` as text, in a seeded random order (chat records formatted)."""
+def calibration_texts(source: str, tokenizer=None, *, seed: int = 0, split: str = "calibration") -> Iterator[str]:
+    """The documents of `source` as text, in a seeded random order (chat records formatted).
+
+    split: for embedded sources, the corpus split to read (``"test"`` for held-out data).
+    """
     if source.startswith(EMBEDDED_PREFIX):
-        yield from _embedded_documents(source, seed)
+        yield from _embedded_documents(source, seed, split)
         return
+    if split != "calibration":
+        raise ValueError(f"split={split!r}: only embedded sources have splits; {source!r} is a hub source")
     if source not in SOURCES:
         raise ValueError(f"unknown calibration source {source!r}; known: {', '.join(available_sources())}")
     hub = SOURCES[source]
@@ -201,7 +206,8 @@ def calibration_texts(source: str, tokenizer=None, *, seed: int = 0) -> Iterator
 # ---------------------------------------------------------------- packing
 
 
-def calibration_sequences(source: str, tokenizer, *, n_sequences: int, seq_len: int, seed: int = 0, strict: bool = True) -> torch.Tensor:
+def calibration_sequences(source: str, tokenizer, *, n_sequences: int, seq_len: int, seed: int = 0, strict: bool = True,
+                          split: str = "calibration") -> torch.Tensor:
     """`n_sequences` packed windows of `seq_len` tokens of `source`, int64 ``[n_sequences, seq_len]``.
 
     Documents (shuffled with `seed`) are tokenised without special tokens, each followed by
@@ -216,7 +222,7 @@ def calibration_sequences(source: str, tokenizer, *, n_sequences: int, seq_len: 
     sequences = torch.empty(n_sequences, seq_len, dtype=torch.long)
     buffer: list[int] = []
     produced = 0
-    for text in calibration_texts(source, tokenizer, seed=seed):
+    for text in calibration_texts(source, tokenizer, seed=seed, split=split):
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long documents are fine: they are cut
         buffer.extend(ids + [eos] if eos is not None and not chat else ids)
         while len(buffer) >= seq_len and produced < n_sequences:
@@ -244,6 +250,7 @@ def calibration_batches(
     seed: int = 0,
     batch_size: int = 8,
     strict: bool = True,
+    split: str = "calibration",
 ) -> Iterator[dict]:
     """Packed calibration sequences of `source` (see `calibration_sequences`), `batch_size` at a time.
 
@@ -251,11 +258,13 @@ def calibration_batches(
     padding), both ``[B, seq_len]`` int64, ready for `collect_statistics`. All sequences are
     read before the first batch is yielded, so a short or missing source fails before any
     model work. Hub sources that cannot be read raise `CalibrationDataUnavailable`
-    (offline: within about 2 s, naming what to download and how).
+    (offline: within about 2 s, naming what to download and how). `split` (embedded sources
+    only) reads another corpus split, e.g. ``"test"`` for held-out evaluation windows.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be positive")
-    sequences = calibration_sequences(source, tokenizer, n_sequences=n_sequences, seq_len=seq_len, seed=seed, strict=strict)
+    sequences = calibration_sequences(source, tokenizer, n_sequences=n_sequences, seq_len=seq_len, seed=seed, strict=strict,
+                                      split=split)
     for start in range(0, sequences.shape[0], batch_size):
         input_ids = sequences[start : start + batch_size]  # (B, T)
         yield {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}

@@ -14,7 +14,7 @@ Suites
   lm-eval: they are reported as "not run", each naming the harness to run instead.
   The paper suite needs the hub datasets (run online once, or with a filled cache).
 - ``local``: the offline suite built from the embedded corpus's test split
-  (`moepaper.tasks`), the suite the embedded model is evaluated on.
+  (`moepaper.testbed.tasks`), the suite the embedded model is evaluated on.
 - ``smoke``: the local suite with `SMOKE_LIMIT` items per task, for tests.
 
 Backends
@@ -144,9 +144,9 @@ PAPER_BENCHMARKS: tuple[Benchmark, ...] = (
 
 def _local_benchmarks() -> tuple[tuple[Benchmark, ...], tuple[str, ...]]:
     try:
-        from . import tasks
-    except ImportError as error:  # the embedded suite is built by moepaper.tasks
-        raise RuntimeError(f"the local suite needs moepaper.tasks (the embedded lm-eval tasks): {error}") from error
+        from ..testbed import tasks
+    except ImportError as error:  # the embedded suite is built by moepaper.testbed.tasks
+        raise RuntimeError(f"the local suite needs moepaper.testbed.tasks (the embedded lm-eval tasks): {error}") from error
     benchmarks = []
     for task in tasks.LOCAL_TASKS:
         name = task.removeprefix("moepaper_local_")  # e.g. "code_ppl"

@@ -1,9 +1,9 @@
 """One way to name a model everywhere (notebooks, scripts, tests): `load_model(spec)`.
 
 A spec is one of
-- ``"embedded"``: the embedded default model (`moepaper.embedded.load_embedded_model`), offline.
+- ``"embedded"``: the embedded default model (`moepaper.testbed.embedded.load_embedded_model`), offline.
 - ``"tiny:<family>"``: a tiny random-initialised model of a supported family
-  (`moepaper.tiny.tiny_model`, e.g. ``"tiny:qwen3_moe"``) with `tiny_tokenizer`, a
+  (`moepaper.testbed.tiny.tiny_model`, e.g. ``"tiny:qwen3_moe"``) with its `tiny_tokenizer`, a
   character-level tokenizer that fits its 128-token vocabulary. For tests and the
   notebooks' CI parameter set: seconds, nothing downloaded, numbers meaningless.
 - a key of `PAPER_MODELS` (``"olmoe"``, ``"deepseek_v2_lite"``, ``"ernie"``, ``"qwen3"``): the
@@ -30,9 +30,6 @@ PAPER_MODELS: dict[str, str] = {
 
 EMBEDDED = "embedded"
 TINY_PREFIX = "tiny:"
-
-# Special tokens of the tiny tokenizer, at the ids `moepaper.tiny` configs use.
-TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
 
 
 class ModelNotAvailable(OSError):
@@ -66,30 +63,8 @@ def _place(model, device_map):
     return model.to(device_map)
 
 
-def tiny_tokenizer(vocab_size: int = 128):
-    """A character-level tokenizer for tiny models, built offline.
-
-    Ids: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3 (what `moepaper.tiny` configs use),
-    then newline, tab and printable ASCII: 101 tokens, any other character is ``<unk>``.
-    Decoding joins the characters back into the text.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    characters = ["\n", "\t"] + [chr(c) for c in range(32, 127)]
-    tokens = list(TINY_SPECIAL_TOKENS) + characters
-    if len(tokens) > vocab_size:
-        raise ValueError(f"the tiny tokenizer has {len(tokens)} tokens, more than vocab_size={vocab_size}")
-    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
-    tokenizer.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
 def _load_tiny(family: str, dtype, device_map):
-    from .tiny import FAMILIES, tiny_model
+    from ..testbed.tiny import FAMILIES, tiny_model, tiny_tokenizer
 
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny family {family!r} in model spec {TINY_PREFIX + family!r}; known: {', '.join(FAMILIES)}")
@@ -99,7 +74,7 @@ def _load_tiny(family: str, dtype, device_map):
 
 
 def _load_embedded(dtype, device_map):
-    from .embedded import load_embedded_model
+    from ..testbed.embedded import load_embedded_model
 
     model, tokenizer = load_embedded_model(dtype=dtype or torch.float32)
     return _place(model, device_map), tokenizer

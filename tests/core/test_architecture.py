@@ -6,7 +6,7 @@ from torch import nn
 
 from moepaper import UnsupportedModelError, find_moe_layers
 from moepaper.architecture import expert_count_keys
-from moepaper.tiny import tiny_config
+from moepaper.testbed.tiny import tiny_config
 
 
 def expected_moe_layers(config) -> list[int]:

@@ -2,14 +2,22 @@
 
 import copy
 
+import pandas as pd
 import pytest
 import torch
 
-from moepaper import collect_statistics
+from moepaper import MONE, ExpertStatistics, collect_statistics
 from moepaper.criteria import criterion_grid
-from moepaper.damage import MONE, corpus_batches, damage_correlation, expert_damage
+from moepaper.damage import (
+    calibration_setting,
+    damage_correlation,
+    expert_damage,
+    principle_check,
+    transfer_factors,
+    transfer_table,
+)
 from moepaper.pruning import mask_experts, prune_experts
-from moepaper.tiny import PAPER_FAMILIES, random_batch, tiny_model
+from moepaper.testbed.tiny import PAPER_FAMILIES, random_batch, tiny_model
 
 
 def batches():
@@ -96,7 +104,7 @@ def test_damage_correlation_covers_the_grid_and_mone():
     damage = expert_damage(model, batches(), progress=False)
     frame = damage_correlation(stats, damage)
     grid = [c.name for c in criterion_grid()]
-    assert set(frame["criterion"]) == set(grid) | {MONE}
+    assert set(frame["criterion"]) == set(grid) | {MONE.name}
     assert len(frame) == (len(grid) + 1) * len(damage.measures) * len(damage.layers)
     assert frame["rho"].dropna().between(-1, 1).all()
     # on its own calibration tokens the direct squared damage IS S(0,2,2): a perfect rank correlation
@@ -107,17 +115,56 @@ def test_damage_correlation_covers_the_grid_and_mone():
         damage_correlation(stats, olmoe_damage)
 
 
-def test_corpus_batches_are_packed_windows_of_the_test_split():
-    from moepaper.models import tiny_tokenizer
+def _stats(seed: int, layers=(1, 2), experts: int = 8) -> ExpertStatistics:
+    generator = torch.Generator().manual_seed(seed)
+    L = len(layers)
+    moments = torch.rand(L, 3, 3, experts, generator=generator, dtype=torch.float64) + 0.1
+    moments[:, 0, 0] = torch.randint(1, 50, (L, experts), generator=generator).double()
+    return ExpertStatistics(list(layers), [experts] * L, [2] * L, moments,
+                            torch.rand(L, experts, 4, generator=generator, dtype=torch.float64),
+                            torch.full((L,), 100.0, dtype=torch.float64))
 
-    tokenizer = tiny_tokenizer()
-    try:
-        result = corpus_batches("code", tokenizer, n_sequences=5, seq_len=64, batch_size=2)
-    except (FileNotFoundError, ImportError):
-        pytest.skip("embedded corpus not built")
-    assert [b["input_ids"].shape for b in result] == [(2, 64), (2, 64), (1, 64)]
-    assert all(b["attention_mask"].all() for b in result)
-    again = corpus_batches("code", tokenizer, n_sequences=5, seq_len=64, batch_size=2)
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(result, again))
-    with pytest.raises(ValueError, match="holds only"):
-        corpus_batches("code", tokenizer, n_sequences=10**7, seq_len=64)
+
+def test_transfer_table_compares_every_factor_between_domains():
+    same = _stats(0)
+    table, per_layer = transfer_table({"a:code": same, "a:math": same})
+    assert set(table.index.get_level_values("pair")) == {"code vs math"}
+    assert list(table.index.get_level_values("quantity")) == list(transfer_factors(same))
+    # identical statistics: every ranking transfers perfectly, nothing changes, the kept sets agree
+    assert table["mean Spearman ρ"].tolist() == pytest.approx([1.0] * len(table))
+    assert (table["median relative change"] == 0).all() and (table["kept overlap"] == 1).all()
+    assert len(per_layer) == len(table) * 2
+    table, _ = transfer_table({"x": same, "y": _stats(1), "z": _stats(2)}, ratio=0.25)
+    assert len(set(table.index.get_level_values("pair"))) == 3
+    assert (table["kept overlap"] < 1).any() and table["mean Spearman ρ"].between(-1, 1).all()
+    with pytest.raises(ValueError, match="different layers"):
+        transfer_table({"x": same, "y": _stats(1, layers=(1, 3))})
+
+
+def test_calibration_setting():
+    assert calibration_setting("embedded:code", "code") == "matched"
+    assert calibration_setting("embedded:code", "literature") == "mismatched"
+    assert calibration_setting("embedded:mixed", "code") == "mixed"
+
+
+def _correlations(man: float, full: float, setting: str, spread: float = 0.01) -> pd.DataFrame:
+    rows = []
+    for layer in range(4):
+        for name, rho in (("man", man), ("msan", man), ("gated_ean", full), ("gated_squared", full), ("frequency", 0.0)):
+            rows.append({"criterion": name, "measure": "loss_change", "layer": layer, "rho": rho + spread * (layer % 2),
+                         "setting": setting, "calibration": "c", "evaluation": "e"})
+    return pd.DataFrame(rows)
+
+
+def test_principle_check_verdicts_follow_the_numbers():
+    both = pd.concat([_correlations(0.2, 0.8, "matched"), _correlations(0.8, 0.2, "mismatched")])
+    check = principle_check(both, "loss_change")
+    assert check.loc["matched", "verdict"] == "consistent" and check.loc["matched", "observed"] == "full damage ahead"
+    assert check.loc["mismatched", "verdict"] == "consistent"
+    assert check.loc["matched", "best"].startswith("gated_ean 0.8")
+    contradicted = principle_check(_correlations(0.9, 0.1, "matched"), "loss_change")
+    assert contradicted.loc["matched", "verdict"] == "contradicted"
+    noisy = principle_check(_correlations(0.50, 0.49, "mixed", spread=0.5), "loss_change")
+    assert noisy.loc["mixed", "verdict"] == "not confirmed" and noisy.loc["mixed", "observed"] == "indistinguishable"
+    with pytest.raises(ValueError, match="no correlations with damage measure"):
+        principle_check(both, "output_sq")

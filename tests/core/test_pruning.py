@@ -11,10 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moepaper import find_moe_layers
+from moepaper import ExpertScores, ExpertStatistics, StatisticsMismatchError, expert_scores, find_moe_layers
 from moepaper.architecture import expert_count_keys
-from moepaper.pruning import PROVENANCE_FILE, mask_experts, prune_experts, save_pruned, select_experts
-from moepaper.tiny import FAMILIES, random_batch, tiny_model
+from moepaper.provenance import package_version
+from moepaper.pruning import PROVENANCE_FILE, KeptExperts, mask_experts, prune_experts, save_pruned, select_experts
+from moepaper.testbed.tiny import FAMILIES, random_batch, tiny_model
 
 GROUPED = ("deepseek_v3", "glm4_moe")  # tiny configs with n_group=2, topk_group=1
 
@@ -31,6 +32,20 @@ def one_thread():
 def random_scores(model, seed=0) -> torch.Tensor:
     layers = find_moe_layers(model)
     return torch.rand(len(layers), layers[0].num_experts, generator=torch.Generator().manual_seed(seed))
+
+
+def statistics_like(model, seed=0, **change) -> ExpertStatistics:
+    """Random statistics with the routing facts of `model`'s MoE layers (or of `change`d ones)."""
+    layers = find_moe_layers(model)
+    facts = dict(layers=[l.layer_index for l in layers], num_experts=[l.num_experts for l in layers],
+                 top_k=[l.top_k for l in layers], num_groups=[l.num_groups for l in layers],
+                 topk_group=[l.topk_group for l in layers])
+    facts.update(change)
+    L, E = len(facts["layers"]), max(facts["num_experts"])
+    generator = torch.Generator().manual_seed(seed)
+    moments = torch.rand(L, 3, 3, E, generator=generator, dtype=torch.float64) + 0.01
+    return ExpertStatistics(moments=moments, output_sum=torch.zeros(L, E, 2, dtype=torch.float64),
+                            tokens=torch.ones(L, dtype=torch.float64), metadata={"model_name": "fake"}, **facts)
 
 
 def logits(model, batch) -> torch.Tensor:
@@ -79,15 +94,30 @@ def test_layer_scope_removes_lowest_and_keeps_lower_index_on_ties():
     assert len(select_experts(torch.rand(1, 9), ratio=0.5, top_k=2)[0]) == 4
 
 
-def test_layer_scope_takes_top_k_from_model_and_statistics(model):
+def test_layer_scope_takes_top_k_from_model_or_from_the_scores(model):
     layers = find_moe_layers(model)
-    scores = random_scores(model)
-    by_model = select_experts(scores, ratio=0.5, model=model)
+    scores = expert_scores(statistics_like(model), "man")
+    by_model = select_experts(scores.as_subclass(torch.Tensor), ratio=0.5, model=model)
     assert [len(k) for k in by_model] == [4] * len(layers)
-    assert [k.tolist() for k in select_experts(scores, ratio=0.5, layers=layers)] == [k.tolist() for k in by_model]
-    stats = SimpleNamespace(layers=[l.layer_index for l in layers], num_experts=[8] * len(layers), top_k=[2] * len(layers))
-    if model.config.model_type not in GROUPED:  # groups are only known from the model
-        assert [k.tolist() for k in select_experts(scores, ratio=0.5, statistics=stats)] == [k.tolist() for k in by_model]
+    assert [k.tolist() for k in select_experts(scores.as_subclass(torch.Tensor), ratio=0.5, layers=layers)] == [k.tolist() for k in by_model]
+    # the scores carry layers, counts, top-k and groups: nothing else is needed, and the model agrees
+    alone = select_experts(scores, ratio=0.5)
+    assert [k.tolist() for k in alone] == [k.tolist() for k in by_model]
+    assert [k.tolist() for k in select_experts(scores, ratio=0.5, model=model)] == [k.tolist() for k in by_model]
+    assert isinstance(alone, KeptExperts) and alone.layers == [l.layer_index for l in layers]
+    assert alone.criterion.name == "man" and alone.ratio == 0.5 and alone.num_removed == [4] * len(layers)
+    assert alone.statistics["checksum"] == statistics_like(model).checksum
+
+
+def test_scores_carry_router_groups():
+    model = tiny_model("deepseek_v3")
+    stats = statistics_like(model)
+    assert stats.num_groups == [2] * len(stats.layers)
+    moments = stats.moments.clone()
+    moments[:, 1, 1] = torch.tensor([0.0, 0.1, 0.2, 0.3, 5.0, 6.0, 7.0, 8.0], dtype=torch.float64)
+    stats.moments = moments
+    keep = select_experts(expert_scores(stats, (0, 1, 1)), num_prune=2)
+    assert keep[0].tolist() == [1, 2, 3, 5, 6, 7]  # one from each group, without the model
 
 
 def test_grouped_routers_lose_the_same_number_per_group():
@@ -129,8 +159,9 @@ def test_list_scores_for_non_uniform_layers():
     assert [k.tolist() for k in keep] == [[0, 2], [2, 3, 4, 5]]
     # zero-padded 2-D scores are cut to each layer's real count given by the statistics
     padded = torch.tensor([[3.0, 1.0, 2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
-    stats = SimpleNamespace(layers=[0, 1], num_experts=[4, 6], top_k=[2, 2])
-    assert [k.tolist() for k in select_experts(padded, num_prune=2, statistics=stats)] == [[0, 2], [2, 3, 4, 5]]
+    stats = ExpertStatistics([0, 1], [4, 6], [2, 2], torch.zeros(2, 3, 3, 6, dtype=torch.float64),
+                             torch.zeros(2, 6, 1, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    assert [k.tolist() for k in select_experts(ExpertScores.wrap(padded, stats), num_prune=2)] == [[0, 2], [2, 3, 4, 5]]
 
 
 @pytest.mark.parametrize("ratio", [0, 0.0, 1, 1.0, -0.1, 1.5, float("nan")])
@@ -176,18 +207,16 @@ def test_scores_of_another_model_are_refused(model):
 def test_statistics_of_another_model_are_refused(model):
     layers = find_moe_layers(model)
     index = [l.layer_index for l in layers]
-    wrong_layers = SimpleNamespace(layers=[i + 1 for i in index], num_experts=[8] * len(index))
-    wrong_experts = SimpleNamespace(layers=index, num_experts=[16] * len(index))
-    keep = select_experts(random_scores(model), ratio=0.25, model=model)
-    for call in (
-        lambda s: select_experts(random_scores(model), ratio=0.25, model=model, statistics=s),
-        lambda s: prune_experts(model, keep, statistics=s),
-        lambda s: mask_experts(model, keep, statistics=s).__enter__(),
-    ):
-        with pytest.raises(ValueError, match=rf"statistics cover {len(index)} MoE layers at decoder layers .* but the model has"):
-            call(wrong_layers)
-        with pytest.raises(ValueError, match=r"statistics have \[16.*experts per MoE layer, but the model has \[8"):
-            call(wrong_experts)
+    wrong_layers = statistics_like(model, layers=[i + 1 for i in index])
+    wrong_experts = statistics_like(model, num_experts=[16] * len(index))
+    for wrong in (wrong_layers, wrong_experts):
+        scores = expert_scores(wrong, "man")
+        with pytest.raises(StatisticsMismatchError, match=r"MoE layers at decoder layers|num_experts \[16"):
+            select_experts(scores, ratio=0.25, model=model)
+        keep = select_experts(scores, num_prune=2)  # made for the other model
+        for call in (lambda: prune_experts(model, keep), lambda: mask_experts(model, keep).__enter__()):
+            with pytest.raises(StatisticsMismatchError, match=r"but the model has"):
+                call()
     assert all(l.num_experts == 8 for l in find_moe_layers(model))  # nothing was pruned
 
 
@@ -441,10 +470,12 @@ def test_qwen3_config_writes_both_expert_count_keys():
 def test_pruning_twice_composes(batch):
     """Statistics of the original model are refused afterwards; fresh keep lists work, counts stay in sync."""
     model = tiny_model("qwen3_moe")
-    prune_experts(model, select_experts(random_scores(model), ratio=0.25, model=model))
-    stats = SimpleNamespace(layers=[1, 2], num_experts=[8, 8])
-    with pytest.raises(ValueError, match="before it was pruned"):
-        prune_experts(model, [torch.arange(4)] * 2, statistics=stats)
+    original = expert_scores(statistics_like(model), "man")
+    prune_experts(model, select_experts(original, ratio=0.25, model=model))
+    with pytest.raises(StatisticsMismatchError, match="before it was pruned"):
+        select_experts(original, ratio=0.25, model=model)
+    with pytest.raises(StatisticsMismatchError, match="but the model has"):
+        prune_experts(model, select_experts(original, num_prune=4))
     prune_experts(model, [torch.arange(4)] * 2)
     written = model.config.to_dict()
     assert written["num_local_experts"] == written["num_experts"] == model.config.num_experts == 4
@@ -553,18 +584,15 @@ def tiny_tokenizer():
 
 
 def test_saved_pruned_models_load_in_a_fresh_process_without_moepaper(tmp_path, batch):
-    statistics_file = tmp_path / "stats.safetensors"
-    statistics_file.write_bytes(b"stand-in statistics")
-    criterion = SimpleNamespace(name="man", b=1, alpha=0, beta=1)
     cases, keeps = [], {}
     for family in FAMILIES:
         model = tiny_model(family)
-        keep = select_experts(random_scores(model, seed=4), ratio=0.25, model=model)
+        stats = statistics_like(model, seed=4)
+        keep = select_experts(expert_scores(stats, "man"), ratio=0.25, model=model)
         prune_experts(model, keep)
         out = tmp_path / family
         tokenizer = tiny_tokenizer() if family == "qwen3_moe" else None
-        save_pruned(model, tokenizer, out, keep=keep, criterion=criterion, ratio=0.25, scope="layer",
-                    statistics_file=statistics_file, num_experts_before=8, extra={"seed": 4})
+        save_pruned(model, tokenizer, out, keep, extra={"seed": 4})
         torch.save(logits(model, batch), tmp_path / f"{family}.pt")
         cases.append({"family": family, "dir": str(out), "expected": str(tmp_path / f"{family}.pt"), "tokenizer": tokenizer is not None})
         keeps[family] = (keep, [l.layer_index for l in find_moe_layers(model)])
@@ -593,49 +621,53 @@ def test_saved_pruned_models_load_in_a_fresh_process_without_moepaper(tmp_path, 
     assert report["qwen3_moe"]["token_ids"] == tiny_tokenizer()("the cat sat")["input_ids"]
 
     # provenance beside each checkpoint
-    import moepaper
-    from moepaper.pruning import statistics_hash
-
     record = json.loads((tmp_path / "deepseek_v3" / PROVENANCE_FILE).read_text())
     keep, layer_index = keeps["deepseek_v3"]
     assert record["kept"] == [{"layer": i, "experts": k.tolist()} for i, k in zip(layer_index, keep)]
     assert record["criterion"] == {"name": "man", "b": 1, "alpha": 0, "beta": 1}
     assert (record["ratio"], record["scope"], record["num_experts_before"], record["num_experts_after"]) == (0.25, "layer", 8, 6)
-    assert record["statistics"]["sha256"] == statistics_hash(statistics_file)
-    assert record["moepaper_version"] == moepaper.__version__ and record["extra"] == {"seed": 4}
+    assert record["num_removed"] == [2] * len(layer_index)
+    assert record["statistics"]["checksum"] == statistics_like(tiny_model("deepseek_v3"), seed=4).checksum
+    assert record["versions"]["moepaper"] == package_version() and record["extra"] == {"seed": 4}
 
 
 def test_save_pruned_refuses_a_model_that_was_not_pruned(tmp_path):
     model = tiny_model("olmoe")
     keep = select_experts(random_scores(model), ratio=0.25, model=model)
     with pytest.raises(ValueError, match="call prune_experts\\(model, keep\\) before save_pruned"):
-        save_pruned(model, None, tmp_path / "out", keep=keep)
+        save_pruned(model, None, tmp_path / "out", keep)
     assert not (tmp_path / "out").exists()
 
 
 def test_criterion_given_by_name_or_point_is_recorded(tmp_path):
-    model = tiny_model("olmoe")
-    keep = select_experts(random_scores(model), ratio=0.25, model=model)
-    prune_experts(model, keep)
-    save_pruned(model, None, tmp_path / "a", keep=keep, criterion="msan", ratio=0.25)
-    assert json.loads((tmp_path / "a" / PROVENANCE_FILE).read_text())["criterion"] == {"name": "msan", "b": 1, "alpha": 0, "beta": 2}
-    save_pruned(model, None, tmp_path / "b", keep=keep, criterion=(0, 2, 2), ratio=0.25)
-    assert json.loads((tmp_path / "b" / PROVENANCE_FILE).read_text())["criterion"]["beta"] == 2
+    stats = statistics_like(tiny_model("olmoe"))
+    for name, criterion, expected in (("a", "msan", {"name": "msan", "b": 1, "alpha": 0, "beta": 2}),
+                                      ("b", (0, 2, 1), {"name": "S(0,2,1)", "b": 0, "alpha": 2, "beta": 1}),
+                                      ("c", "mone", {"name": "mone", "b": None, "alpha": None, "beta": None})):
+        model = tiny_model("olmoe")
+        keep = select_experts(expert_scores(stats, criterion), ratio=0.25)
+        prune_experts(model, keep)
+        save_pruned(model, None, tmp_path / name, keep)
+        assert json.loads((tmp_path / name / PROVENANCE_FILE).read_text())["criterion"] == expected
+    model = tiny_model("olmoe")  # a plain list of kept experts: saved, with no criterion to record
+    prune_experts(model, [torch.arange(6)] * len(stats.layers))
+    save_pruned(model, None, tmp_path / "d", [torch.arange(6)] * len(stats.layers))
+    record = json.loads((tmp_path / "d" / PROVENANCE_FILE).read_text())
+    assert record["criterion"] is None and record["num_experts_after"] == 6
 
 
 def test_with_collected_statistics_end_to_end(tmp_path, batch):
     """The statistics developer's ExpertStatistics and expert_scores feed select / prune / mask / save."""
-    from moepaper import collect_statistics, expert_scores
-    from moepaper.statistics import file_hash
+    from moepaper import collect_statistics
 
     model = tiny_model("deepseek_v2")
     stats = collect_statistics(model, [batch], progress=False)
-    keep = select_experts(expert_scores(stats, "man"), ratio=0.25, model=model, statistics=stats)
-    with mask_experts(model, keep, statistics=stats):
+    keep = select_experts(expert_scores(stats, "man"), ratio=0.25)  # the paper reader's line
+    with mask_experts(model, keep):
         masked = logits(model, batch)
-    prune_experts(model, keep, statistics=stats)
+    prune_experts(model, keep)
     torch.testing.assert_close(logits(model, batch), masked, atol=1e-5, rtol=0)
-    stats_file = stats.save(tmp_path / "stats.safetensors")
-    save_pruned(model, None, tmp_path / "pruned", keep=keep, criterion="man", ratio=0.25, statistics_file=stats_file)
+    save_pruned(model, None, tmp_path / "pruned", keep)
     record = json.loads((tmp_path / "pruned" / PROVENANCE_FILE).read_text())
-    assert record["statistics"]["sha256"] == file_hash(stats_file)
+    assert record["statistics"]["checksum"] == stats.checksum == ExpertStatistics.load(stats.save(tmp_path / "s.safetensors")).checksum
+    assert record["criterion"]["name"] == "man" and record["ratio"] == 0.25

@@ -12,10 +12,10 @@ from moepaper import (
     criterion_grid,
     expert_scores,
     find_moe_layers,
-    mone_scores,
+
 )
-from moepaper.criteria import Criterion
-from moepaper.tiny import random_batch, tiny_model
+from moepaper.criteria import Criterion, mone_scores
+from moepaper.testbed.tiny import random_batch, tiny_model
 
 
 def expert_output(experts, e: int, h: torch.Tensor) -> torch.Tensor:

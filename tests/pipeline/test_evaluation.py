@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from moepaper import collect_statistics
-from moepaper.calibration import (
+from moepaper.pipeline.calibration import (
     SOURCES,
     CalibrationDataUnavailable,
     calibration_batches,
     calibration_texts,
 )
-from moepaper.evaluation import PAPER_BENCHMARKS, Benchmark, Suite, evaluate, get_suite, paper_task_names
-from moepaper.results import UNPRUNED, read_result, result_path, sweep
-from moepaper.tiny import random_batch, tiny_model
+from moepaper.pipeline.evaluation import PAPER_BENCHMARKS, Benchmark, Suite, evaluate, get_suite, paper_task_names
+from moepaper.pipeline.results import UNPRUNED, read_result, result_path, sweep
+from moepaper.testbed.tiny import random_batch, tiny_model
 
 
 def char_tokenizer():
@@ -100,7 +100,7 @@ def test_evaluate_returns_one_row_per_benchmark(tiny, tokenizer, task_suite):
 
 
 def test_limit_takes_items_spread_through_each_task(task_suite):
-    from moepaper.evaluation import _spread_items, task_manager
+    from moepaper.pipeline.evaluation import _spread_items, task_manager
 
     manager = task_manager(task_suite.include_path, task_suite.include_defaults)
     tasks, samples = _spread_items(manager, ["t_mc", "t_ppl"], 3)
@@ -111,7 +111,7 @@ def test_limit_takes_items_spread_through_each_task(task_suite):
 
 
 def test_per_benchmark_limit(tiny, tokenizer, task_suite):
-    from moepaper.evaluation import benchmark_limit
+    from moepaper.pipeline.evaluation import benchmark_limit
 
     assert benchmark_limit("code_ppl", {"ppl": 30, "mc": 80}) == 30
     assert benchmark_limit("code_ppl", {"code_ppl": 5, "ppl": 30}) == 5 and benchmark_limit("t_gen", {"ppl": 1}) is None
@@ -156,7 +156,6 @@ def test_paper_task_names_exist_in_lm_eval_index():
 
 
 def test_smoke_suite_on_tiny_model_writes_results(tiny, tokenizer, tiny_stats, tmp_path):
-    pytest.importorskip("moepaper.tasks", reason="the embedded lm-eval tasks (moepaper.tasks) are not built yet")
     suite = get_suite("smoke")
     paths = sweep(tiny, tokenizer, tiny_stats, criteria=["man"], ratios=[0.5], suite=suite, out_dir=tmp_path,
                   model_name="tiny", progress=False)
@@ -169,7 +168,7 @@ def test_smoke_suite_on_tiny_model_writes_results(tiny, tokenizer, tiny_stats, t
 
 
 def test_sweep_writes_provenance_and_resumes(tiny, tokenizer, task_suite, tiny_stats, tmp_path, monkeypatch):
-    from moepaper import evaluation
+    from moepaper.pipeline import evaluation
 
     class Stop(Exception):
         pass
@@ -217,7 +216,7 @@ def test_sweep_writes_provenance_and_resumes(tiny, tokenizer, task_suite, tiny_s
 
 
 def test_weights_fingerprint_follows_the_weights():
-    from moepaper.results import weights_fingerprint
+    from moepaper.pipeline.results import weights_fingerprint
 
     a, b = tiny_model("qwen3_moe", seed=3), tiny_model("qwen3_moe", seed=3)
     assert weights_fingerprint(a) == weights_fingerprint(b)
@@ -227,7 +226,7 @@ def test_weights_fingerprint_follows_the_weights():
 
 
 def test_sweep_reuses_results_of_identical_kept_experts(tiny, tokenizer, task_suite, tiny_stats, tmp_path, monkeypatch):
-    from moepaper import evaluation
+    from moepaper.pipeline import evaluation
 
     calls = []
     real = evaluation.evaluate
@@ -261,7 +260,7 @@ def test_calibration_offline_error_is_fast_and_says_what_to_download(tokenizer, 
 
 
 def test_calibration_unreachable_hub_fails_fast(tokenizer, monkeypatch):
-    from moepaper import calibration
+    from moepaper.pipeline import calibration
 
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -282,7 +281,7 @@ def test_embedded_calibration_packs_exact_sequences(tokenizer):
 
 
 def test_embedded_mixed_interleaves_domains():
-    from moepaper.corpus import DOMAINS, read_split
+    from moepaper.testbed.corpus import DOMAINS, read_split
 
     texts = calibration_texts("embedded:mixed", seed=0)
     first = [next(texts) for _ in range(3 * 4)]

@@ -10,7 +10,7 @@ import pytest
 
 from moepaper import reproduce
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 EXPECTED = {"00_formulation", "01_collect_statistics", "02_prune_and_evaluate", "03_damage_check", "04_tables_and_figures"}
 
@@ -27,16 +27,18 @@ def test_committed_without_outputs_and_parameterised(path):
     assert all(c.get("execution_count") is None for c in code), f"{path.name} carries execution counts"
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
-    assert {"name", "display_name", "language"} <= set(nb["metadata"]["kernelspec"])
+    assert nb["metadata"]["kernelspec"] == {"name": reproduce.KERNEL_NAME, "display_name": "Python (moepaper)", "language": "python"}
 
 
 def test_plan_covers_every_notebook_per_configuration():
     for name, config in reproduce.CONFIGS.items():
-        notebooks = {step[0] for step in reproduce.plan(config)}
+        notebooks = {step[0] for step in reproduce.plan(config, REPO)}
         assert {"01_collect_statistics.ipynb", "02_prune_and_evaluate.ipynb", "04_tables_and_figures.ipynb"} <= notebooks, name
     paper = reproduce.CONFIGS["paper"]
     assert len(paper.models) == 4
-    assert {m.model for m in paper.models} == {
+    from moepaper.pipeline.models import resolve_model_name
+
+    assert {resolve_model_name(m.model) for m in paper.models} == {
         "allenai/OLMoE-1B-7B-0125-Instruct",
         "deepseek-ai/DeepSeek-V2-Lite-Chat",
         "baidu/ERNIE-4.5-21B-A3B-PT",
@@ -62,4 +64,4 @@ def test_tiny_configuration_executes_every_notebook_and_resumes():
     # executed copies carry outputs; the committed notebooks stay clean (checked above)
     again = subprocess.run(cmd[:-1], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("(done)") == len(reproduce.plan(reproduce.CONFIGS["tiny"]))
+    assert again.stdout.count("(done)") == len(reproduce.plan(reproduce.CONFIGS["tiny"], REPO))

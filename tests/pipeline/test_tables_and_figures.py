@@ -4,28 +4,30 @@ import pytest
 
 from moepaper import collect_statistics
 from moepaper.criteria import CRITERIA
-from moepaper.reporting import (
-    AVERAGE,
-    AVERAGE_RANK,
-    average_rank_summary,
-    gap_to_baseline,
+from moepaper.pipeline.figures import (
     kept_overlap,
-    load_results,
     plot_frequency_vs_norm,
     plot_grid_heatmap,
     plot_kept_overlap,
     plot_rank_correlation,
     plot_score_vs_ratio,
-    rank_table,
     rank_correlation,
-    results_table,
     save_figure,
+)
+from moepaper.pipeline.tables import (
+    AVERAGE,
+    AVERAGE_RANK,
+    average_rank_summary,
+    gap_to_baseline,
+    load_results,
+    rank_table,
+    results_table,
     to_latex,
     to_markdown,
     write_tables,
 )
-from moepaper.results import UNPRUNED, result_path, write_json_atomic
-from moepaper.tiny import random_batch, tiny_model
+from moepaper.pipeline.results import UNPRUNED, result_path, write_json_atomic
+from moepaper.testbed.tiny import random_batch, tiny_model
 
 # benchmark -> (metric, higher_is_better); b4 was not run
 BENCHMARKS = {"b1": ("acc,none", True), "b2": ("acc_norm,none", True), "b3": ("bits_per_byte,none", False), "b4": (None, None)}
@@ -152,14 +154,19 @@ def test_overlap_and_correlation_values(stats):
 
 
 def test_figures_saved_as_png_and_pdf(results, stats, tmp_path):
-    figures = {
-        "heatmap": plot_grid_heatmap(results, calibration="c", ratio=0.5),
-        "ratio": plot_score_vs_ratio(results, calibration="c"),
-        "overlap": plot_kept_overlap(stats, ratio=0.5),
-        "correlation": plot_rank_correlation(stats),
-        "frequency": plot_frequency_vs_norm(stats),
-    }
-    for name, fig in figures.items():
-        paths = save_figure(fig, name, tmp_path)
+    def figures():
+        return {
+            "heatmap": plot_grid_heatmap(results, calibration="c", ratio=0.5),
+            "ratio": plot_score_vs_ratio(results, calibration="c"),
+            "overlap": plot_kept_overlap(stats, ratio=0.5),
+            "correlation": plot_rank_correlation(stats),
+            "frequency": plot_frequency_vs_norm(stats),
+        }
+
+    first, second = figures(), figures()
+    for name in first:
+        paths = save_figure(first[name], name, tmp_path / "a")
         assert [p.suffix for p in paths] == [".png", ".pdf"]
-        assert all(p.stat().st_size > 1000 for p in paths)
+        again = save_figure(second[name], name, tmp_path / "b")  # byte-for-byte reproducible: no timestamps
+        assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again], name
+        assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:5] == b"%PDF-"

@@ -7,13 +7,18 @@ import math
 import re
 import time
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from moepaper import corpus, load_embedded_model
-from moepaper.embedded import EMBEDDED_MODEL_DIR
-from moepaper.tasks import CHANCE, LOCAL_GROUP, LOCAL_TASKS, MC_TASKS, PPL_TASKS, TASKS_DIR, task_manager
-from moepaper.tasks.local import loaders
+from moepaper.testbed import corpus
+from moepaper.testbed.embedded import load_embedded_model
+from moepaper.testbed.embedded import embedded_model_dir
+
+EMBEDDED_MODEL_DIR = embedded_model_dir()
+from moepaper.testbed.tasks import CHANCE, LOCAL_GROUP, LOCAL_TASKS, MC_TASKS, PPL_TASKS, TASKS_DIR, task_manager
+from moepaper.testbed.tasks.local import loaders
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +60,9 @@ def test_math_answers_are_correct():
 
 
 def test_read_split_names_the_missing_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "CORPUS_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"code.*test\.jsonl.*python -m moepaper\.corpus"):
+    monkeypatch.setenv("MOEPAPER_ROOT", str(tmp_path))
+    assert corpus.corpus_dir() == tmp_path / "data" / "corpus"
+    with pytest.raises(FileNotFoundError, match=r"code.*test\.jsonl.*python -m moepaper\.testbed\.corpus"):
         corpus.read_split("code", "test")
     with pytest.raises(ValueError, match="unknown domain"):
         corpus.corpus_path("poetry", "test")
@@ -104,12 +110,12 @@ def test_load_embedded_model_is_fast_and_trained():
 
 
 def test_load_embedded_model_names_missing_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"config\.json.*python -m moepaper\.train_embedded"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json.*python -m moepaper\.testbed\.train"):
         load_embedded_model(path=tmp_path)
 
 
 def test_routing_differs_between_domains(embedded):
-    from moepaper.train_embedded import score_documents, specialisation_summary
+    from moepaper.testbed.train import score_documents, specialisation_summary
 
     model, tokenizer = embedded
     counts = {d: score_documents(model, tokenizer, corpus.read_split(d, "test")[:6], 512)[1] for d in corpus.DOMAINS}
@@ -156,7 +162,7 @@ def test_lm_eval_runs_local_suite_offline(embedded, tmp_path, monkeypatch):
     output = lm_eval.simple_evaluate(model=lm, tasks=[LOCAL_GROUP], task_manager=task_manager(), limit=3)
     results = output["results"]
     assert set(LOCAL_TASKS) <= set(results)
-    from moepaper.train_embedded import score_documents
+    from moepaper.testbed.train import score_documents
 
     for task in PPL_TASKS:  # lm-eval's rolling loglikelihood matches the training script's scoring
         documents = getattr(loaders, task.removeprefix("moepaper_local_"))()["test"]["text"][:3]
@@ -165,4 +171,4 @@ def test_lm_eval_runs_local_suite_offline(embedded, tmp_path, monkeypatch):
     for task in MC_TASKS:
         assert 0.0 <= results[task]["acc,none"] <= 1.0
         assert output["n-samples"][task]["effective"] == 3
-    assert str(TASKS_DIR).endswith("moepaper/tasks/local")
+    assert TASKS_DIR.is_relative_to(Path(loaders.__file__).parent)  # shipped inside the package, not read from the cwd

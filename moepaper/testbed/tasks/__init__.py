@@ -1,7 +1,7 @@
 """The offline lm-eval task suite of the embedded model (`local/`: YAML, loaders and data).
 
-Six tasks made from the test split of the embedded corpus (`moepaper.corpus`) by
-`moepaper.tasks.build` and shipped inside the package, so they load with no network from
+Six tasks made from the test split of the embedded corpus (`moepaper.testbed.corpus`) by
+`moepaper.testbed.tasks.build` and shipped inside the package, so they load with no network from
 any current directory:
 
 - ``moepaper_local_<domain>_ppl``: held-out documents, ``loglikelihood_rolling``,
@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..corpus import DOMAINS
+
 TASKS_DIR = Path(__file__).resolve().parent / "local"
 LOCAL_GROUP = "moepaper_local"
-DOMAINS = ("literature", "code", "math")
 PPL_TASKS = [f"moepaper_local_{d}_ppl" for d in DOMAINS]
 MC_TASKS = [f"moepaper_local_{d}_mc" for d in DOMAINS]
 LOCAL_TASKS = PPL_TASKS + MC_TASKS

@@ -1,4 +1,4 @@
-"""`python -m moepaper.tasks [--limit N]`: the local suite on the embedded model, as a table."""
+"""`python -m moepaper.testbed.tasks [--limit N]`: the local suite on the embedded model, as a table."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`python -m moepaper.tasks.build`: make the local lm-eval task data from the corpus test split.
+"""`python -m moepaper.testbed.tasks.build`: make the local lm-eval task data from the corpus test split.
 
 Writes `moepaper/tasks/local/data/<domain>_{ppl,mc}.jsonl` (seeded, deterministic):
 

@@ -17,7 +17,7 @@ def _load(name: str):
 
     path = DATA_DIR / f"{name}.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"local task data {path} is missing; rebuild it with `python -m moepaper.tasks.build`")
+        raise FileNotFoundError(f"local task data {path} is missing; rebuild it with `python -m moepaper.testbed.tasks.build`")
     with path.open(encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})

@@ -1,0 +1,11 @@
+"""The testbed: what lets the whole pipeline run on a laptop CPU, with nothing downloaded.
+
+- `corpus`: the embedded corpus (Shakespeare, CPython's standard library, generated math),
+  seeded disjoint train / validation / calibration / test splits under ``data/corpus``.
+- `train`: trains the embedded default model on it (``python -m moepaper.testbed.train``).
+- `embedded`: `load_embedded_model()`, the committed checkpoint in ``data/models/embedded``.
+- `tasks`: its offline lm-eval suite (bits per byte and four-way multiple choice per domain).
+- `tiny`: tiny random-initialised models of every supported family, for tests.
+
+The testbed uses the core; the core never imports it.
+"""
