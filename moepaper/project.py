@@ -57,3 +57,60 @@ def relative_to_project(path: str | Path, root: str | Path | None = None) -> str
         return path.relative_to((Path(root) if root else project_root()).resolve()).as_posix()
     except (ValueError, FileNotFoundError):
         return str(path)
+
+
+# --- writing files ---------------------------------------------------------------------
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (/proc), else set and reset."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode `open()` would give a new file: 0o666 less the umask (mkstemp's 0o600 is not that)."""
+    return 0o666 & ~_umask()
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Create `folder` if needed and write (then remove) a probe file in it, so an unwritable
+    output folder is found before any expensive work; PermissionError/OSError naming it otherwise."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".moepaper-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise type(error)(error.errno, f"output folder {folder} is not writable: {error.strerror}") from error
+    return folder
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Write `path` through a uniquely named temporary file in the same folder and a rename:
+    `write(temporary_path)` writes it. Readers never see half a file, two writers never share a
+    temporary name, and the file gets the process's normal permissions (0o666 less the umask)."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
