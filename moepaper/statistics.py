@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .architecture import ROUTER_SCORE_FUNCTION, MoELayer, find_moe_layers
+from .project import atomic_write, check_writable
 from .provenance import package_version, tensors_sha256
 
 GATES = ("routing_weight", "router_probability")
@@ -42,6 +43,31 @@ class NonFiniteActivationError(FloatingPointError):
 
 class StatisticsMismatchError(ValueError):
     """Statistics do not belong to the model (or to each other)."""
+
+
+class StatisticsFileError(ValueError):
+    """A statistics file whose tensors disagree with its header or its recorded checksum."""
+
+
+# Config entries that say how a model was loaded or run, not what it is.
+_RUNTIME_CONFIG_KEYS = {"dtype", "torch_dtype", "transformers_version", "use_cache", "output_router_logits",
+                        "output_attentions", "output_hidden_states", "return_dict", "architectures"}
+IDENTITY_KEYS = ("model_class", "config_sha256", "router_sha256")
+
+
+def model_identity(model: nn.Module) -> dict:
+    """What identifies a model for its statistics: class, a hash of its config (without entries
+    that only say how it was loaded: dtype, paths, caching) and a sha256 of its routers' weights
+    rounded to bfloat16, so a bf16 and an fp32 load of one checkpoint agree. The router
+    fingerprint is None when a router weight is not materialised (meta device)."""
+    import hashlib
+
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _RUNTIME_CONFIG_KEYS}
+    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    routers = {t.path: t.tensor for layer in find_moe_layers(model) for t in layer.router_tensors}
+    materialised = all(t.device.type != "meta" for t in routers.values())
+    router_sha = tensors_sha256({k: t.detach().to(torch.bfloat16) for k, t in routers.items()}) if materialised else None
+    return {"model_class": type(model).__name__, "config_sha256": config_sha, "router_sha256": router_sha}
 
 
 @dataclass
@@ -113,7 +139,10 @@ class ExpertStatistics:
 
     # --- checks -------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
-        """Raise StatisticsMismatchError unless these statistics fit `model`'s MoE layers."""
+        """Raise StatisticsMismatchError unless these statistics fit `model`'s MoE layers and
+        were collected on this model: class, config hash and router fingerprint
+        (`model_identity`) must match where the statistics record them (files written before
+        moepaper recorded them carry none, and only layers and expert counts are checked)."""
         moe = find_moe_layers(model)
         layers = [l.layer_index for l in moe]
         experts = [l.num_experts for l in moe]
@@ -128,12 +157,46 @@ class ExpertStatistics:
                 f"statistics have {self.num_experts} experts per layer but {name} has {experts} "
                 f"(statistics of {self.metadata.get('model_name')!r}; was the model already pruned?)"
             )
+        recorded = {k: self.metadata.get(k) for k in IDENTITY_KEYS if self.metadata.get(k) is not None}
+        if recorded:
+            actual = model_identity(model)
+            differ = {k: (v, actual[k]) for k, v in recorded.items() if actual[k] is not None and actual[k] != v}
+            if differ:
+                what = "; ".join(f"{k}: statistics {a!r}, model {b!r}" for k, (a, b) in differ.items())
+                raise StatisticsMismatchError(
+                    f"statistics of {self.metadata.get('model_class')} {self.metadata.get('model_name')!r} were collected "
+                    f"on another model than this {name} ({what})"
+                )
+
+    def check_tensors(self, where: str = "statistics") -> None:
+        """Raise StatisticsFileError unless the tensors fit the layers, expert counts and top-k:
+        shapes, zero padding beyond each layer's experts, and top_k routed pairs per token."""
+        L, E = len(self.layers), max(self.num_experts, default=0)
+        for key in ("num_experts", "top_k", "num_groups", "topk_group"):
+            if len(getattr(self, key)) != L:
+                raise StatisticsFileError(f"{where}: {key} has {len(getattr(self, key))} entries for {L} layers {self.layers}")
+        if tuple(self.moments.shape) != (L, 3, 3, E):
+            raise StatisticsFileError(f"{where}: moments have shape {tuple(self.moments.shape)}, expected {(L, 3, 3, E)} "
+                                      f"for layers {self.layers} with {self.num_experts} experts")
+        if self.output_sum.dim() != 3 or tuple(self.output_sum.shape[:2]) != (L, E):
+            raise StatisticsFileError(f"{where}: output_sum has shape {tuple(self.output_sum.shape)}, expected ({L}, {E}, hidden)")
+        if tuple(self.tokens.shape) != (L,):
+            raise StatisticsFileError(f"{where}: tokens has shape {tuple(self.tokens.shape)}, expected ({L},)")
+        for l, (n, k) in enumerate(zip(self.num_experts, self.top_k)):
+            if bool(self.moments[l, :, :, n:].any()) or bool(self.output_sum[l, n:].any()):
+                raise StatisticsFileError(f"{where}: layer {self.layers[l]} has statistics for experts beyond its {n}")
+            pairs, expected = float(self.count[l].sum()), float(self.tokens[l]) * k
+            if abs(pairs - expected) > 1e-6 * max(1.0, expected):
+                raise StatisticsFileError(f"{where}: layer {self.layers[l]} counts {pairs:.0f} routed pairs, but "
+                                          f"{float(self.tokens[l]):.0f} tokens x top-{k} make {expected:.0f}")
 
     def _check_compatible(self, other: ExpertStatistics) -> None:
         for key in ("layers", "num_experts", "top_k", "num_groups", "topk_group"):
             if getattr(self, key) != getattr(other, key):
                 raise StatisticsMismatchError(f"cannot merge statistics with different {key}: {getattr(self, key)} vs {getattr(other, key)}")
-        for key in ("model_class", "gate"):
+        for key in ("model_class", "gate", *IDENTITY_KEYS[1:]):
+            if key in IDENTITY_KEYS[1:] and (self.metadata.get(key) is None or other.metadata.get(key) is None):
+                continue  # a file written before moepaper recorded the model's identity
             if self.metadata.get(key) != other.metadata.get(key):
                 raise StatisticsMismatchError(
                     f"cannot merge statistics with different {key}: {self.metadata.get(key)!r} vs {other.metadata.get(key)!r}"
@@ -161,23 +224,25 @@ class ExpertStatistics:
             topk_group=list(self.topk_group),
         )
 
+    @staticmethod
+    def check_output(path: str | Path) -> Path:
+        """Raise now (before a calibration pass) if `path`'s folder cannot be written."""
+        check_writable(Path(path).parent)
+        return Path(path)
+
     def save(self, path: str | Path) -> Path:
-        """Write one safetensors file; the JSON metadata lives in its header. Atomic."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write one safetensors file; the JSON metadata and the tensors' `checksum` live in its
+        header. Atomic, through a uniquely named temporary file; mode 0o666 less the umask."""
         meta = dict(self.metadata, layers=self.layers, num_experts=self.num_experts, top_k=self.top_k,
-                    num_groups=self.num_groups, topk_group=self.topk_group)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {"moments": self.moments.contiguous(), "output_sum": self.output_sum.contiguous(), "tokens": self.tokens.contiguous()},
-            str(tmp),
-            metadata={"moepaper": json.dumps(meta, sort_keys=True)},
-        )
-        tmp.replace(path)
-        return path
+                    num_groups=self.num_groups, topk_group=self.topk_group, checksum=self.checksum)
+        tensors = {"moments": self.moments.contiguous(), "output_sum": self.output_sum.contiguous(), "tokens": self.tokens.contiguous()}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"moepaper": json.dumps(meta, sort_keys=True)}))
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertStatistics:
+        """Read a file written by `save`; StatisticsFileError when its tensors do not match its
+        header (shapes, counts) or its recorded checksum. Files written before moepaper
+        recorded a checksum load with the header checks only."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no statistics file at {path} (collect them with moepaper.collect_statistics or notebooks/01_collect_statistics.ipynb)")
@@ -188,8 +253,12 @@ class ExpertStatistics:
         if "moepaper" not in header:
             raise StatisticsMismatchError(f"{path} is a safetensors file but not moepaper statistics (no 'moepaper' metadata)")
         meta = json.loads(header["moepaper"])
+        recorded = meta.pop("checksum", None)
         tensors = load_file(str(path))
-        return cls(
+        missing = {"moments", "output_sum", "tokens"} - set(tensors)
+        if missing:
+            raise StatisticsFileError(f"{path}: no {sorted(missing)} tensor(s)")
+        stats = cls(
             layers=meta.pop("layers"),
             num_experts=meta.pop("num_experts"),
             top_k=meta.pop("top_k"),
@@ -200,6 +269,11 @@ class ExpertStatistics:
             topk_group=meta.pop("topk_group", None),
             metadata=meta,
         )
+        if recorded is not None and stats.checksum != recorded:
+            raise StatisticsFileError(f"{path}: the tensors' sha256 {stats.checksum} differs from the {recorded} recorded "
+                                      "when the file was written: the file is corrupt; collect the statistics again")
+        stats.check_tensors(str(path))
+        return stats
 
 
 # --- the recording experts forward -------------------------------------------------------
@@ -365,6 +439,7 @@ def collect_statistics(
     from tqdm.auto import tqdm
 
     moe = find_moe_layers(model)
+    identity = model_identity(model)  # before the pass: nothing may have touched the routers yet
     family = getattr(model.config, "model_type", "")
     state: dict = {}
     recorders = [_Recorder(layer, i, state, gate, family) for i, layer in enumerate(moe)]
@@ -400,7 +475,7 @@ def collect_statistics(
     moments = torch.stack([pad(r.moments).view(3, 3, -1) for r in recorders])
     output_sum = torch.stack([torch.nn.functional.pad(r.output_sum.cpu(), (0, 0, 0, widest - r.output_sum.shape[0])) for r in recorders])
     metadata = {
-        "model_class": type(model).__name__,
+        **identity,
         "model_name": model_name or getattr(model.config, "_name_or_path", "") or "",
         "model_type": family,
         "calibration": calibration,

@@ -268,3 +268,84 @@ def test_mone_is_frequency_times_output_variance(family, batch):
         f = torch.stack(fs)
         variance = (f - f.mean(0)).pow(2).sum(-1).mean()
         torch.testing.assert_close(scores[e], len(fs) / mask.sum().double() * variance, rtol=1e-5, atol=1e-9)
+
+
+# ---------------------------------------------------------------- identity and integrity (issue 11)
+
+
+def _collect(model):
+    return collect_statistics(model, [random_batch(batch=2, seq_len=8, seed=3)], progress=False, calibration="c")
+
+
+def test_statistics_of_another_model_of_the_same_shape_are_refused_naming_both():
+    from moepaper.statistics import model_identity
+
+    model = tiny_model("qwen3_moe")
+    stats = _collect(model)
+    assert {k: stats.metadata[k] for k in ("model_class", "config_sha256", "router_sha256")} == model_identity(model)
+    stats.check_model(model)
+    stats.check_model(tiny_model("qwen3_moe", dtype=torch.bfloat16))  # the same weights loaded in bf16: the same model
+    other_weights = tiny_model("qwen3_moe", seed=1)  # same family, same shape, other routers
+    with pytest.raises(StatisticsMismatchError, match="router_sha256: statistics '[0-9a-f]{64}', model '[0-9a-f]{64}'"):
+        stats.check_model(other_weights)
+    other_config = tiny_model("qwen3_moe", rms_norm_eps=1e-3)  # same routers, another model
+    with pytest.raises(StatisticsMismatchError, match="config_sha256"):
+        stats.check_model(other_config)
+    # another family of the same shape: same layers and counts, another class
+    olmoe = tiny_model("olmoe")
+    stats.metadata["model_class"] = "OlmoeForCausalLM"
+    try:
+        with pytest.raises(StatisticsMismatchError, match="model_class: statistics 'OlmoeForCausalLM', model 'Qwen3MoeForCausalLM'"):
+            stats.check_model(model)
+    finally:
+        stats.metadata["model_class"] = type(model).__name__
+    del olmoe
+
+
+def test_statistics_file_without_identity_or_checksum_still_loads(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    model = tiny_model("qwen3_moe")
+    stats = _collect(model)
+    meta = {k: v for k, v in stats.metadata.items() if k not in ("config_sha256", "router_sha256")}
+    meta.update(layers=stats.layers, num_experts=stats.num_experts, top_k=stats.top_k)
+    path = tmp_path / "old.safetensors"  # as moepaper wrote them before issue 11
+    save_file({"moments": stats.moments, "output_sum": stats.output_sum, "tokens": stats.tokens}, str(path),
+              metadata={"moepaper": json.dumps(meta)})
+    old = ExpertStatistics.load(path)
+    assert old.checksum == stats.checksum and "config_sha256" not in old.metadata
+    old.check_model(tiny_model("qwen3_moe", seed=1))  # no identity recorded: only layers and counts are checked
+
+
+def test_statistics_file_integrity_is_checked(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moepaper.statistics import StatisticsFileError
+
+    stats = _collect(tiny_model("qwen3_moe"))
+    path = stats.save(tmp_path / "s.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["moepaper"])
+    assert header["checksum"] == stats.checksum
+    # one flipped bit in the tensor data
+    data = bytearray(path.read_bytes())
+    data[-9] ^= 0x10
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(StatisticsFileError, match="corrupt"):
+        ExpertStatistics.load(flipped)
+    # a header whose expert counts or top-k disagree with the tensors
+    tensors = {"moments": stats.moments, "output_sum": stats.output_sum, "tokens": stats.tokens}
+    for change, message in (({"num_experts": [8, 8, 8, 8]}, "entries for"), ({"layers": [0]}, "entries for"),
+                            ({"top_k": [1, 1]}, "routed pairs"), ({"num_experts": [6, 8]}, "beyond its 6")):
+        bad = tmp_path / "bad.safetensors"
+        meta = {**header, **change}
+        meta.pop("checksum")
+        save_file(tensors, str(bad), metadata={"moepaper": json.dumps(meta)})
+        with pytest.raises(StatisticsFileError, match=message):
+            ExpertStatistics.load(bad)
