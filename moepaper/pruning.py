@@ -57,6 +57,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import threading
+import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -546,6 +548,44 @@ def _masked_forward(router: nn.Module, forward, removed: torch.Tensor, where: st
     return masked
 
 
+class _RouterMasks:
+    """The masks open on one router: the state before the first, and each open mask's removed experts.
+
+    The router is always masked with the union of the open masks, recomputed from the saved
+    state whenever one opens or closes, so masks may close in any order and the last one to
+    close restores the router exactly."""
+
+    def __init__(self, layer: MoELayer):
+        router = layer.router
+        self.layer = layer
+        self.thread = threading.get_ident()
+        self.previous = router.__dict__.get("forward")  # an instance-level forward to put back, if any
+        self.forward = router.forward
+        self.biases = [(t.tensor, t.dim, t.tensor.detach().clone()) for t in layer.router_tensors + layer.block_tensors
+                       if t.attr in _SELECTION_BIASES]  # their values before any mask
+        self.open: dict[int, torch.Tensor] = {}  # mask id -> removed (E,) bool
+
+    def apply(self) -> None:
+        router, where = self.layer.router, f"decoder layer {self.layer.layer_index}"
+        removed = torch.zeros(self.layer.num_experts, dtype=torch.bool)
+        for r in self.open.values():
+            removed |= r
+        with torch.no_grad():
+            for tensor, dim, original in self.biases:
+                tensor.copy_(original)
+                if removed.any():
+                    tensor.index_fill_(dim, removed.nonzero().flatten().to(tensor.device), float("-inf"))
+        if removed.any():
+            router.forward = _masked_forward(router, self.forward, removed, where)
+        else:
+            _restore_forward(router, self.previous)
+
+
+# router module -> its open masks; guarded by _MASKS_LOCK
+_OPEN_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MASKS_LOCK = threading.Lock()
+
+
 @contextmanager
 def mask_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None = None):
     """Take the experts not in `keep` out of routing while the context is open.
@@ -557,6 +597,11 @@ def mask_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None 
     only tensors touched, in place); on exit the router forwards and the biases' exact values
     come back, whether or not the body raised. ``router_logits`` returned by the model (for
     aux losses) hold -inf for removed experts while masked.
+
+    Nested masks remove the union of their experts and may close in any order: the model
+    is restored exactly when the last one closes. A mask opened on a model that another
+    thread holds masked is refused (RuntimeError) before anything changes: both threads
+    would evaluate with each other's experts removed.
     """
     layers = _model_layers(model, layers)
     keep = _normalise_keep(layers, keep)
@@ -567,35 +612,46 @@ def mask_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None 
             if not known:
                 raise UnsupportedModelError(f"mask_experts: does not know how {t.path} enters routing")
 
-    restore: list = []
+    token = object()
+    opened: list[_RouterMasks] = []
+    with _MASKS_LOCK:
+        for layer in layers:
+            state = _OPEN_MASKS.get(layer.router)
+            if state is not None and state.thread != threading.get_ident():
+                raise RuntimeError(
+                    f"mask_experts: decoder layer {layer.layer_index}'s router is masked by another thread "
+                    f"(thread id {state.thread}); masks of one model cannot be open in two threads at once, "
+                    "each would evaluate with the other's experts removed: use one model per thread"
+                )
+        try:
+            for layer, kept in zip(layers, keep):
+                removed = torch.ones(layer.num_experts, dtype=torch.bool)
+                removed[kept] = False
+                if not removed.any():
+                    continue
+                state = _OPEN_MASKS.get(layer.router)
+                if state is None:
+                    state = _OPEN_MASKS[layer.router] = _RouterMasks(layer)
+                state.open[id(token)] = removed
+                opened.append(state)
+                state.apply()
+        except BaseException:
+            _close(opened, token)
+            raise
     try:
-        for layer, kept in zip(layers, keep):
-            removed = torch.ones(layer.num_experts, dtype=torch.bool)
-            removed[kept] = False
-            if not removed.any():
-                continue
-            with torch.no_grad():
-                for t in layer.router_tensors + layer.block_tensors:
-                    if t.attr not in _SELECTION_BIASES:
-                        continue
-                    tensor = t.tensor
-                    index = removed.nonzero().flatten().to(tensor.device)
-                    original = tensor.index_select(t.dim, index).clone()
-                    restore.append(functools.partial(_restore_entries, tensor, t.dim, index, original))
-                    tensor.index_fill_(t.dim, index, float("-inf"))
-            router = layer.router
-            previous = router.__dict__.get("forward")
-            router.forward = _masked_forward(router, router.forward, removed, f"decoder layer {layer.layer_index}")
-            restore.append(functools.partial(_restore_forward, router, previous))
         yield model
     finally:
-        for undo in reversed(restore):
-            undo()
+        with _MASKS_LOCK:
+            _close(opened, token)
 
 
-def _restore_entries(tensor: torch.Tensor, dim: int, index: torch.Tensor, original: torch.Tensor) -> None:
-    with torch.no_grad():
-        tensor.index_copy_(dim, index, original)
+def _close(opened: list[_RouterMasks], token) -> None:
+    """Take one mask off every router it masks; a router whose last mask closes is restored."""
+    for state in opened:
+        state.open.pop(id(token), None)
+        state.apply()
+        if not state.open:
+            _OPEN_MASKS.pop(state.layer.router, None)
 
 
 def _restore_forward(router: nn.Module, previous) -> None:

@@ -334,6 +334,59 @@ def test_nested_masks_intersect_and_unwind(batch):
         torch.testing.assert_close(outer_only, logits(model, batch), atol=1e-6, rtol=0)
 
 
+def test_masks_closed_out_of_order_restore_exactly(batch):
+    model = tiny_model("deepseek_v3")  # selection biases too
+    layers = find_moe_layers(model)
+    a = [torch.tensor([0, 1, 2, 4, 5, 6])] * len(layers)
+    b = [torch.tensor([0, 1, 5, 7])] * len(layers)
+    before, full = state(model), logits(model, batch)
+    with mask_experts(model, a):
+        expected_a = logits(model, batch)
+    expected_b = logits(prune_experts(copy.deepcopy(model), b), batch)
+    outer = mask_experts(model, a)
+    inner = mask_experts(model, b)
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # the outer mask closes first
+    torch.testing.assert_close(logits(model, batch), expected_b, atol=1e-5, rtol=0)  # only the open mask is left
+    inner.__exit__(None, None, None)
+    assert_same_state(model, before)
+    assert all("forward" not in l.router.__dict__ for l in layers)
+    assert torch.equal(logits(model, batch), full)
+    with mask_experts(model, a):  # and masks still work afterwards
+        torch.testing.assert_close(logits(model, batch), expected_a, atol=1e-6, rtol=0)
+
+
+def test_mask_from_a_second_thread_is_refused_and_the_first_restores(batch):
+    import threading
+
+    model = tiny_model("deepseek_v3")
+    layers = find_moe_layers(model)
+    keep = [torch.tensor([0, 1, 4, 5])] * len(layers)
+    before, full = state(model), logits(model, batch)
+    entered, release, errors = threading.Event(), threading.Event(), []
+
+    def hold():
+        with mask_experts(model, keep):
+            entered.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    entered.wait(10)
+    try:
+        with pytest.raises(RuntimeError, match="masked by another thread"):
+            with mask_experts(model, [torch.tensor([2, 3, 6, 7])] * len(layers)):
+                errors.append("entered")
+    finally:
+        release.set()
+        thread.join()
+    assert errors == []
+    assert_same_state(model, before)
+    assert all("forward" not in l.router.__dict__ for l in layers)
+    assert torch.equal(logits(model, batch), full)
+
+
 def _slice_layer(layer, kept):
     """A per-layer slice written here independently of prune_experts (which refuses unequal counts)."""
     with torch.no_grad():
