@@ -1,14 +1,25 @@
 """Result files and the resumable criteria x ratios sweep.
 
-One JSON file per (model, calibration, criterion, ratio, benchmark):
+One JSON file per (model, calibration, criterion, experts removed, benchmark):
 
-    <out_dir>/<model>/<calibration>/<criterion>__r<ratio>/<benchmark>.json
+    <out_dir>/<model>/<calibration>/<criterion key>__removed<n>/<benchmark>.json
 
-written atomically (a temporary file renamed into place), so an interrupted run never
-leaves half a file. The unpruned model is one entry per model: calibration ``none``,
-criterion ``unpruned``, ratio 0. Each file carries the value, the evaluation settings, the
-kept experts and provenance (moepaper, lm-eval, transformers and torch versions, seed,
-statistics hash, date).
+The criterion key is its point ``S_<b>_<alpha>_<beta>`` whatever its name ("man" and
+"S(1,0,1)" share ``S_1_0_1``), or the name of a criterion outside the family (``mone``);
+``removed<n>`` is the exact number of experts removed in every MoE layer
+(``removed4-4-3-4`` when layers differ), not a rounded ratio. Files are written atomically
+(a uniquely named temporary file renamed into place) with the process's normal
+permissions, so an interrupted run never leaves half a file. The unpruned model is one
+entry per model: calibration ``none``, criterion ``unpruned``, ``removed0``. Each file
+carries the value, the evaluation settings, the kept experts and provenance (moepaper,
+lm-eval, transformers and torch versions, seed, the statistics' tensor checksum, date).
+
+A model's results folder records the evaluation settings it was made with
+(``<out_dir>/<model>/evaluation_settings.json``); a sweep with other settings is refused
+(`ResultsSettingsError`), so tables never rank results of different settings together. A
+sweep holds ``<out_dir>/<model>/.sweep.lock`` (an advisory lock naming its pid; the
+operating system drops it when the process dies): a second sweep into the same folder is
+refused (`ResultsLockedError`) while the first runs.
 
 `sweep(model, tokenizer, stats, criteria=..., ratios=..., suite=...)` evaluates every
 criterion at every ratio on one loaded model through `mask_experts` (no weights copied),
@@ -26,18 +37,17 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..criteria import Criterion, StatisticCriterion, expert_scores, resolve_criteria
-from ..project import relative_to_project
-from ..provenance import file_sha256, versions
+from ..criteria import Criterion, StatisticCriterion, expert_scores, get_criterion, resolve_criteria
+from ..project import atomic_write, check_writable, relative_to_project
+from ..provenance import versions
 from ..statistics import ExpertStatistics
 from . import evaluation
 
@@ -46,6 +56,16 @@ NO_CALIBRATION = "none"
 TASK_AGNOSTIC = "task-agnostic"
 TASK_SPECIFIC = "task-specific"
 SETTINGS = (TASK_AGNOSTIC, TASK_SPECIFIC)
+SETTINGS_FILE = "evaluation_settings.json"  # per model folder: the evaluation settings of its results
+LOCK_FILE = ".sweep.lock"
+
+
+class ResultsSettingsError(ValueError):
+    """A sweep's evaluation settings differ from those a results folder was made with."""
+
+
+class ResultsLockedError(RuntimeError):
+    """Another live process is writing the same results folder."""
 
 log = logging.getLogger(__name__)
 
@@ -59,31 +79,50 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "_"
 
 
-def ratio_tag(ratio: float) -> str:
-    return f"r{float(ratio):g}"
+def criterion_key(criterion: Criterion | StatisticCriterion | str | tuple) -> str:
+    """What identifies a criterion in result paths: ``S_1_0_1`` for a point of the family
+    (named or not), the name for one outside it (``mone``), ``unpruned`` for the unpruned model."""
+    if isinstance(criterion, str) and criterion == UNPRUNED:
+        return UNPRUNED
+    try:
+        c = get_criterion(criterion)
+    except ValueError:
+        return slug(criterion)
+    if c.point is None:
+        return slug(c.name)
+    return "S_{}_{}_{}".format(*c.point)
 
 
-def result_path(out_dir: str | Path, model: str, calibration: str, criterion: str, ratio: float, benchmark: str) -> Path:
-    """Where the result of one (model, calibration, criterion, ratio, benchmark) lives."""
-    return Path(out_dir) / slug(model) / slug(calibration) / f"{slug(criterion)}__{ratio_tag(ratio)}" / f"{slug(benchmark)}.json"
+def removed_tag(removed: int | Sequence[int]) -> str:
+    """``removed4`` when every layer loses 4 experts, ``removed4-4-3-4`` when layers differ."""
+    counts = [removed] if isinstance(removed, (int, float)) else list(removed)
+    if any(isinstance(n, float) or int(n) != n or n < 0 for n in counts):
+        raise ValueError(f"removed={removed!r}: a count of experts removed (per layer), not a ratio")
+    counts = [int(n) for n in counts]
+    if not counts or len(set(counts)) == 1:
+        return f"removed{counts[0] if counts else 0}"
+    return "removed" + "-".join(str(n) for n in counts)
+
+
+def result_path(out_dir: str | Path, model: str, calibration: str, criterion, removed: int | Sequence[int],
+                benchmark: str) -> Path:
+    """Where the result of one (model, calibration, criterion, experts removed per layer, benchmark) lives."""
+    entry = f"{criterion_key(criterion)}__{removed_tag(removed)}"
+    return Path(out_dir) / slug(model) / slug(calibration) / entry / f"{slug(benchmark)}.json"
 
 
 def write_json_atomic(path: str | Path, record: dict) -> Path:
-    """Write `record` as JSON to `path` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+    """Write `record` as JSON to `path` through a uniquely named temporary file in the same
+    folder and a rename, with the process's normal permissions (0o666 less the umask)."""
+
+    def write(tmp: Path):
+        with open(tmp, "w") as f:
             json.dump(record, f, indent=1, sort_keys=True, allow_nan=True)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def read_result(path: str | Path) -> dict | None:
@@ -109,11 +148,6 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = 64) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(values.tobytes())
     return "weights:" + digest.hexdigest()[:16]
-
-
-def statistics_hash(stats: ExpertStatistics, path: str | Path | None = None) -> str:
-    """sha256 of the statistics file when given, else the statistics' tensor checksum."""
-    return file_sha256(path) if path is not None else stats.checksum
 
 
 def criterion_record(criterion: Criterion | StatisticCriterion | str) -> dict:
@@ -165,6 +199,73 @@ def _is_done(record: dict | None, settings: dict, stats_hash: str | None) -> boo
     return stats_hash is None or record.get("provenance", {}).get("statistics_hash") == stats_hash
 
 
+def _settings_difference(recorded: dict, settings: dict) -> str:
+    keys = sorted(set(recorded) | set(settings))
+    return ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} here" for k in keys if recorded.get(k) != settings.get(k))
+
+
+def check_settings(model_dir: str | Path, settings: dict) -> None:
+    """Refuse (ResultsSettingsError naming both) to add results of other evaluation settings to
+    `model_dir`; record `settings` there when it has none yet (a folder of older results without
+    the record is checked record by record first)."""
+    model_dir = Path(model_dir)
+    recorded_path = model_dir / SETTINGS_FILE
+    recorded = read_result(recorded_path)
+    advice = f"write to another results directory, or remove {model_dir} to start over"
+    if recorded is not None:
+        if recorded != settings:
+            raise ResultsSettingsError(
+                f"{model_dir} holds results made with evaluation settings {recorded} ({recorded_path}); this sweep's "
+                f"settings are {settings}; they differ in {_settings_difference(recorded, settings)}: {advice}"
+            )
+        return
+    for path in sorted(model_dir.rglob("*.json")) if model_dir.exists() else []:
+        record = read_result(path)
+        other = (record or {}).get("evaluation")
+        if other is not None and other != settings:
+            raise ResultsSettingsError(
+                f"{path} was made with evaluation settings {other}; this sweep's settings are {settings}; they differ "
+                f"in {_settings_difference(other, settings)}: {advice}"
+            )
+    write_json_atomic(recorded_path, settings)
+
+
+@contextmanager
+def results_lock(model_dir: str | Path):
+    """Hold ``<model_dir>/.sweep.lock`` while writing results there; ResultsLockedError naming
+    the holder's pid if another process (or another sweep of this one) holds it. The lock is
+    an advisory `flock`, which the system releases when its holder dies: a lock file left by a
+    killed sweep is taken over."""
+    import fcntl
+
+    path = Path(check_writable(model_dir)) / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ResultsLockedError(
+                f"{path.parent} is being written by another sweep (pid {holder}, lock {path}); wait for it to finish, "
+                "or write to another results directory"
+            ) from None
+        try:  # the file may have been removed by a holder that just finished: lock the one at the path
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)  # closing releases the lock
+
+
 def sweep(
     model,
     tokenizer,
@@ -192,8 +293,8 @@ def sweep(
     """Evaluate every criterion at every ratio (and the unpruned model); write one file per benchmark.
 
     model, tokenizer: the loaded model (evaluated in memory under `mask_experts`).
-    stats: its expert statistics; `statistics_path` (the file they were loaded from) gives
-        the provenance hash, else the tensors are hashed.
+    stats: its expert statistics; results record their tensor checksum (`ExpertStatistics.checksum`,
+        the same whichever file holds them) and `statistics_path`, the file they were loaded from.
     criteria: ``"named"`` (default: the paper's named criteria + MoNE), ``"grid"`` (every
         (b, alpha, beta) + MoNE), or a list (names, `Criterion`s, points, "mone").
     ratios: fractions of experts removed in every MoE layer (`select_experts`, scope "layer").
@@ -212,28 +313,44 @@ def sweep(
     on_entry: called after each entry's files are written (``on_entry(entry, paths)``).
 
     An (entry, benchmark) whose file holds an "ok" result with the same evaluation settings
-    and statistics hash is skipped; one with other settings is recomputed and overwritten.
+    and statistics checksum is skipped. Evaluation settings other than those the model's
+    results folder was made with are refused before any work (`ResultsSettingsError`), as
+    is a second sweep writing the same folder at the same time (`ResultsLockedError`).
     Returns the paths of every result file of the sweep (written or already there).
 
     The sweep evaluates in memory with lm-eval's HF backend (masking needs the loaded model).
     For vLLM, prune a fresh copy per entry (`prune_experts` + `save_pruned`) and call
     ``evaluate(path, None, suite, backend="vllm")`` on the saved checkpoint.
     """
-    from tqdm.auto import tqdm
-
     from ..architecture import find_moe_layers
-    from ..pruning import mask_experts, select_experts
 
     if setting not in SETTINGS:
         raise ValueError(f"setting={setting!r}: one of {SETTINGS}")
     suite = evaluation.get_suite(suite)
     model_name = model_name or Path(str(getattr(model.config, "_name_or_path", "") or type(model).__name__)).name
     calibration = calibration or stats.metadata.get("calibration") or "unknown"
-    stats_hash = statistics_hash(stats, statistics_path)
+    stats_hash = stats.checksum
     model_id = model_id or weights_fingerprint(model)
     settings = _settings_fingerprint(suite, limit, seed, "hf", apply_chat_template, model_id)
     layers = find_moe_layers(model)
     stats.check_model(model)
+    model_dir = Path(out_dir) / slug(model_name)
+    with results_lock(model_dir):  # also checks that the folder can be written, before any work
+        check_settings(model_dir, settings)
+        return _sweep(model, tokenizer, stats, layers, criteria=criteria, ratios=ratios, suite=suite, setting=setting,
+                      model_name=model_name, calibration=calibration, statistics_path=statistics_path, out_dir=out_dir,
+                      limit=limit, batch_size=batch_size, seed=seed, include_unpruned=include_unpruned,
+                      allow_code_execution=allow_code_execution, apply_chat_template=apply_chat_template,
+                      progress=progress, reuse_identical=reuse_identical, on_entry=on_entry, stats_hash=stats_hash,
+                      settings=settings)
+
+
+def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting, model_name, calibration, statistics_path,
+           out_dir, limit, batch_size, seed, include_unpruned, allow_code_execution, apply_chat_template, progress,
+           reuse_identical, on_entry, stats_hash, settings) -> list[Path]:
+    from tqdm.auto import tqdm
+
+    from ..pruning import mask_experts, select_experts
 
     entries = [Entry(UNPRUNED, 0.0, NO_CALIBRATION)] if include_unpruned else []
     entries += [Entry(c, float(r), calibration) for c in resolve_criteria(criteria) for r in ratios]
@@ -243,16 +360,17 @@ def sweep(
     bar = tqdm(entries, desc=f"sweep {model_name} / {calibration}", unit="entry", disable=not progress)
     for entry in bar:
         bar.set_postfix_str(f"{entry.name} {entry.ratio:g}")
-        paths = {b.name: result_path(out_dir, model_name, entry.calibration, entry.name, entry.ratio, b.name) for b in suite.benchmarks}
+        keep = None
+        if not entry.unpruned:
+            keep = select_experts(expert_scores(stats, entry.criterion), ratio=entry.ratio, layers=layers)
+        removed = [0] * len(layers) if keep is None else keep.num_removed
+        paths = {b.name: result_path(out_dir, model_name, entry.calibration, entry.criterion, removed, b.name) for b in suite.benchmarks}
         all_paths += paths.values()
         entry_hash = None if entry.unpruned else stats_hash
         todo = [name for name, p in paths.items() if not _is_done(read_result(p), settings, entry_hash)]
         if not todo:
             counts["skipped"] += 1
             continue
-        keep = None
-        if not entry.unpruned:
-            keep = select_experts(expert_scores(stats, entry.criterion), ratio=entry.ratio, layers=layers)
         kept_key = _kept_key(keep)
         rows, sources, seconds = {}, {}, 0.0
         for name in todo:  # the same kept experts make the same model: reuse its results
@@ -282,6 +400,7 @@ def sweep(
                 "setting": None if entry.unpruned else setting,
                 **criterion_record(entry.criterion),
                 "ratio": entry.ratio,
+                "removed": removed,
                 **{k: _jsonable(v) for k, v in row.items()},
                 "kept": None if keep is None else [k.tolist() for k in keep],
                 "evaluation": settings,

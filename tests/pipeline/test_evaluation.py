@@ -15,7 +15,7 @@ from moepaper.pipeline.calibration import (
     calibration_texts,
 )
 from moepaper.pipeline.evaluation import PAPER_BENCHMARKS, Benchmark, Suite, evaluate, get_suite, paper_task_names
-from moepaper.pipeline.results import UNPRUNED, read_result, result_path, sweep
+from moepaper.pipeline.results import UNPRUNED, ResultsSettingsError, read_result, result_path, sweep
 from moepaper.testbed.tiny import random_batch, tiny_model
 
 
@@ -180,9 +180,9 @@ def test_sweep_writes_provenance_and_resumes(tiny, tokenizer, task_suite, tiny_s
                   reuse_identical=False)
     with pytest.raises(Stop):
         sweep(tiny, tokenizer, tiny_stats, on_entry=stop_after_first, **kwargs)
-    first = result_path(tmp_path, "tiny", "none", UNPRUNED, 0.0, "t_mc")
+    first = result_path(tmp_path, "tiny", "none", UNPRUNED, 0, "t_mc")
     assert first.exists()
-    assert not result_path(tmp_path, "tiny", "random", "man", 0.5, "t_mc").exists()
+    assert not result_path(tmp_path, "tiny", "random", "man", 4, "t_mc").exists()
     record = read_result(first)
     assert record["criterion"] == UNPRUNED and record["ratio"] == 0 and record["kept"] is None
     stamp = first.stat().st_mtime_ns
@@ -201,7 +201,7 @@ def test_sweep_writes_provenance_and_resumes(tiny, tokenizer, task_suite, tiny_s
     assert len(paths) == 9 and all(p.exists() for p in paths)
     assert not list(tmp_path.rglob("*.tmp"))
 
-    man = read_result(result_path(tmp_path, "tiny", "random", "man", 0.5, "t_ppl"))
+    man = read_result(result_path(tmp_path, "tiny", "random", "man", 4, "t_ppl"))
     assert (man["b"], man["alpha"], man["beta"]) == (1, 0, 1)
     assert [len(k) for k in man["kept"]] == [4, 4]  # half of 8 experts in both MoE layers
     prov = man["provenance"]
@@ -211,8 +211,9 @@ def test_sweep_writes_provenance_and_resumes(tiny, tokenizer, task_suite, tiny_s
     calls.clear()
     sweep(tiny, tokenizer, tiny_stats, **kwargs)
     assert calls == []  # everything on disk
-    sweep(tiny, tokenizer, tiny_stats, **{**kwargs, "limit": 2})
-    assert len(calls) == 3  # other evaluation settings: recomputed
+    with pytest.raises(ResultsSettingsError, match="limit"):  # other evaluation settings: refused, nothing mixed
+        sweep(tiny, tokenizer, tiny_stats, **{**kwargs, "limit": 2})
+    assert calls == []
 
 
 def test_weights_fingerprint_follows_the_weights():
@@ -238,10 +239,10 @@ def test_sweep_reuses_results_of_identical_kept_experts(tiny, tokenizer, task_su
     # the same statistics under another calibration name select the same experts: nothing to evaluate
     sweep(tiny, tokenizer, tiny_stats, calibration="again", **kwargs)
     assert calls == []
-    copy = read_result(result_path(tmp_path, "tiny", "again", "man", 0.5, "t_ppl"))
-    source = read_result(result_path(tmp_path, "tiny", "random", "man", 0.5, "t_ppl"))
+    copy = read_result(result_path(tmp_path, "tiny", "again", "man", 4, "t_ppl"))
+    source = read_result(result_path(tmp_path, "tiny", "random", "man", 4, "t_ppl"))
     assert copy["value"] == source["value"] and copy["kept"] == source["kept"]
-    assert copy["provenance"]["same_kept_experts_as"] == "tiny/random/man__r0.5/t_ppl.json"
+    assert copy["provenance"]["same_kept_experts_as"] == "tiny/random/S_1_0_1__removed4/t_ppl.json"
 
 
 # ---------------------------------------------------------------- calibration
