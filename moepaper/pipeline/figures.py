@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from ..criteria import CRITERIA, MONE, criterion_grid, expert_scores, resolve_criteria
+from ..project import check_writable
 from ..pruning import select_experts
 from ..statistics import ExpertStatistics
 from .results import UNPRUNED, slug
@@ -319,8 +320,9 @@ def write_report(
     df: `load_results` output. statistics: calibration name -> its `ExpertStatistics`
     (figures from statistics: kept-set overlap at `overlap_ratio`, rank correlation,
     frequency vs MAN). Figures from results: the grid heatmap per (calibration, ratio)
-    and score vs ratio per calibration.
+    and score vs ratio per calibration. `out_dir` is checked for writing before any figure is drawn.
     """
+    check_writable(out_dir)
     pruned, _ = _select(df, model, None, None)
     model = model or pruned["model"].iloc[0]
     written = write_tables(df, out_dir, model=model)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..criteria import MONE, NAMED_CRITERIA, criterion_grid
-from .results import UNPRUNED, slug
+from .results import SETTINGS_FILE, UNPRUNED, slug
 
 NEW_CRITERIA = ("man", "msan")
 # The paper's comparison: its named criteria and the MoNE baseline (grid points are extra).
@@ -57,11 +58,22 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
     Columns: model, calibration, setting, criterion, b, alpha, beta, ratio, benchmark, label,
     task, metric, value, score (value x 100 for proportion metrics), stderr,
     higher_is_better, n, status, note, suite, domain, limit, date, path.
+
+    A file under `out_dir` that is not a result record (unreadable, not JSON, or JSON without
+    ``benchmark`` and ``criterion``) is skipped with a warning naming it; the folders'
+    ``evaluation_settings.json`` records are not results and are skipped silently.
     """
     rows = []
     for path in sorted(Path(out_dir).rglob("*.json")):
-        record = json.loads(path.read_text())
-        if "benchmark" not in record or "criterion" not in record:
+        if path.name == SETTINGS_FILE:
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            warnings.warn(f"load_results: skipped {path}: not a readable JSON file ({error})", stacklevel=2)
+            continue
+        if not isinstance(record, dict) or "benchmark" not in record or "criterion" not in record:
+            warnings.warn(f"load_results: skipped {path}: not a result record (no benchmark and criterion)", stacklevel=2)
             continue
         evaluation = record.get("evaluation") or {}
         rows.append(
@@ -234,7 +246,9 @@ def rank_table(table: pd.DataFrame, *, higher_is_better: dict | None = None, exc
 def gap_to_baseline(
     table: pd.DataFrame, *, new: Sequence[str] = NEW_CRITERIA, baselines: Sequence[str] = BASELINES, column: str = AVERAGE
 ) -> pd.DataFrame:
-    """For each new criterion: its average, the strongest baseline, its average and the gap (points)."""
+    """For each new criterion: its average, the strongest baseline, its average and the gap (points).
+
+    New criteria absent from `table` are left out (an empty table when none is there)."""
     present = [b for b in baselines if b in table.index and not pd.isna(table.loc[b, column])]
     if not present:
         raise ValueError(f"no baseline of {list(baselines)} in the table")
@@ -250,7 +264,8 @@ def gap_to_baseline(
             f"baseline {column}": table.loc[best, column],
             "gap": table.loc[name, column] - table.loc[best, column],
         })
-    gap = pd.DataFrame(rows).set_index("criterion")
+    columns = ["criterion", column, "strongest baseline", f"baseline {column}", "gap"]
+    gap = pd.DataFrame(rows, columns=columns).set_index("criterion")
     gap.attrs["bold"] = False
     return gap
 
@@ -413,9 +428,11 @@ def write_tables(df: pd.DataFrame, out_dir: str | Path, *, model: str | None = N
             written += write_table(table, f"results__{stem}", out_dir)
             written += write_table(rank_table(table), f"ranks__{stem}", out_dir, digits=2)
             try:
-                written += write_table(gap_to_baseline(table), f"gap__{stem}", out_dir)
+                gap = gap_to_baseline(table)
             except ValueError:  # no baseline evaluated
-                pass
+                gap = None
+            if gap is not None and len(gap):  # no MAN / MSAN evaluated: no gap table
+                written += write_table(gap, f"gap__{stem}", out_dir)
     summary = average_rank_summary(df, model=model, criteria=criteria)
     written += write_table(summary, f"average_rank__{slug(model)}", out_dir, digits=2)
     if criteria is not None and not set(pruned["criterion"]) <= set(criteria):

@@ -53,7 +53,7 @@ def _write(out, criterion, ratio, calibration, values, setting="task-agnostic"):
             "domain": "code" if name == "b1" else "text",
             "provenance": {"date": "2026-01-01T00:00:00+00:00"},
         }
-        write_json_atomic(result_path(out, "toy", calibration, criterion, ratio, name), record)
+        write_json_atomic(result_path(out, "toy", calibration, criterion, round(ratio * 8), name), record)
 
 
 @pytest.fixture
@@ -170,3 +170,31 @@ def test_figures_saved_as_png_and_pdf(results, stats, tmp_path):
         again = save_figure(second[name], name, tmp_path / "b")  # byte-for-byte reproducible: no timestamps
         assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again], name
         assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:5] == b"%PDF-"
+
+
+def test_report_on_a_subset_of_criteria_without_man_or_msan(tmp_path):
+    from moepaper.pipeline.figures import write_report
+
+    results = tmp_path / "results"
+    for criterion in ("frequency", "reap"):
+        _write(results, criterion, 0.5, "c", VALUES[criterion])
+    _write(results, UNPRUNED, 0.0, "none", UNPRUNED_VALUES)
+    df = load_results(results)
+    table = results_table(df, model="toy", calibration="c", ratio=0.5)
+    assert gap_to_baseline(table).empty
+    written = write_report(df, None, tmp_path / "figures", model="toy")
+    assert any(p.name.startswith("average_rank__toy") for p in written)
+    assert not any(p.name.startswith("gap__") for p in written)  # no new criterion: no gap table
+
+
+def test_unreadable_result_files_are_skipped_with_a_warning_naming_them(results, tmp_path):
+    stray = tmp_path / "toy" / "c" / "broken.json"
+    stray.write_text('{"benchmark": "b1", "crit')  # a truncated file
+    other = tmp_path / "toy" / "notes.json"
+    other.write_text('["not", "a", "record"]')
+    with pytest.warns(UserWarning) as caught:
+        df = load_results(tmp_path)
+    messages = [str(w.message) for w in caught]
+    assert any(str(stray) in m and "not a readable JSON file" in m for m in messages)
+    assert any(str(other) in m and "not a result record" in m for m in messages)
+    assert len(df) == len(results)
