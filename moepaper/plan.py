@@ -50,6 +50,7 @@ def format_plan(result: dict) -> str:
          + (" and moe_statics entry" if s["moe_statics"] else "")),
         ("  active per token", f"{_billions(p['active'])} (embedding counted once)"),
         ("  active, all non-routed", f"{_billions(p['active_all_non_routed'])} (input embedding and LM head both)"),
+        ("  active, no embeddings", f"{_billions(p['active_without_embeddings'])} (neither input embedding nor LM head)"),
         ("bf16 weights", f"{result['bf16_weights_gib']:.2f} GiB ({result['bf16_weights_gb']:.2f} GB)"),
     ]
     for prune in result["pruning"]:

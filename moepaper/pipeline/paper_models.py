@@ -351,6 +351,9 @@ def count_parameters(model) -> dict:
         Attention + dense MLPs + shared experts + routers + norms + LM head + top-k experts.
     active_all_non_routed: every non-routed parameter (both embedding matrices) plus top-k
         routed experts: the convention of Qwen's and OLMoE's published "active" figures.
+    active_without_embeddings: `active_all_non_routed` without the input embedding and the LM
+        head (one matrix when tied): the convention of ERNIE's published "3B activated".
+    DeepSeek's published 2.4B activated for V2-Lite is `active` (LM head in, input embedding out).
     """
     layers = find_moe_layers(model)
     total = _unique_numel(model.parameters())
@@ -366,6 +369,8 @@ def count_parameters(model) -> dict:
     tied = output is not None and output.weight is embedding
     all_non_routed = total - routed + active_routed
     active = all_non_routed - (0 if tied else embedding.numel())
+    head = 0 if tied or output is None else output.weight.numel()
+    without_embeddings = all_non_routed - embedding.numel() - head
     return {
         "total": total,
         "routed_experts": routed,
@@ -376,6 +381,7 @@ def count_parameters(model) -> dict:
         "per_expert_removable": per_expert_removable,
         "active": active,
         "active_all_non_routed": all_non_routed,
+        "active_without_embeddings": without_embeddings,
         "_layers": layers,
     }
 
