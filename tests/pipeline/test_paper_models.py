@@ -4,7 +4,7 @@ routing structure, and `python -m moepaper.plan`."""
 
 import functools
 import json
-import time
+
 
 import pytest
 import torch
@@ -251,14 +251,11 @@ def test_rehearsal_has_the_full_size_routing_structure(key):
 
 
 @pytest.mark.parametrize("key", KEYS)
-def test_rehearsal_is_fast_and_deterministic(key):
-    rehearsal_model(key)  # warm: class imports
-    start = time.perf_counter()
+def test_rehearsal_is_deterministic(key):
     model = rehearsal_model(key, seed=3)
     batch = _batch(model.config.vocab_size)
     with torch.no_grad():
         logits = model(**batch).logits
-    assert time.perf_counter() - start < 2.0
     assert logits.shape == (2, 12, model.config.vocab_size) and torch.isfinite(logits).all()
     again = model_from_spec(f"rehearsal:{key}", seed=3)
     other = rehearsal_model(key, seed=4)
