@@ -232,6 +232,9 @@ class CheckpointEvaluator:
             evaluate_kwargs["batch_size"] = self.batch_size
         if run.saved:
             self.save(run, keep)
+        elif not self._base_checked:  # the base is evaluated as it is: check once that it is the in-memory model
+            self.fresh_model()
+            gc.collect()
         try:
             return self.evaluate_checkpoint(run.checkpoint, dict(run.model_args), **evaluate_kwargs)
         finally:

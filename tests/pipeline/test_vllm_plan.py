@@ -126,8 +126,10 @@ def test_unpruned_model_is_evaluated_from_the_base_checkpoint(tiny, tmp_path):
 def test_a_base_checkpoint_of_other_weights_is_refused(tiny, tmp_path):
     other = tmp_path / "other"
     tiny_model("qwen3_moe", seed=1).save_pretrained(other)
+    fake = FakeEvaluation()
     with pytest.raises(ValueError, match="is not the in-memory model"):
-        run_sweep(tiny, tmp_path, FakeEvaluation(), base_checkpoint=str(other))
+        run_sweep(tiny, tmp_path, fake, base_checkpoint=str(other))
+    assert fake.calls == [], "checked before the unpruned model is evaluated from the base"
 
 
 def test_plan_lists_what_the_sweep_executes_and_runs_nothing(tiny, tmp_path):
