@@ -289,6 +289,8 @@ def sweep(
     progress: bool = True,
     reuse_identical: bool = True,
     on_entry: Callable[[Entry, list[Path]], None] | None = None,
+    backend: str = "hf",
+    checkpoints: dict | None = None,
 ) -> list[Path]:
     """Evaluate every criterion at every ratio (and the unpruned model); write one file per benchmark.
 
@@ -311,16 +313,19 @@ def sweep(
         its results are copied rather than recomputed; the record names the source in
         ``provenance.same_kept_experts_as``. Criteria often agree at a ratio, so this saves time.
     on_entry: called after each entry's files are written (``on_entry(entry, paths)``).
+    backend: ``"hf"`` (default): in memory under `mask_experts`. ``"vllm"``: each entry from a
+        structurally pruned checkpoint saved to disk and deleted after its evaluation
+        (`moepaper.pipeline.checkpoints`; the unpruned model from its own checkpoint).
+    checkpoints: options of the ``"vllm"`` backend, `checkpoints.CheckpointEvaluator`'s keywords:
+        ``checkpoint_dir`` (default ``<out_dir>/../checkpoints``), ``keep_checkpoints``,
+        ``base_checkpoint``, ``tensor_parallel_size``, ``gpu_memory_utilization``, ... ;
+        `checkpoints.plan_checkpoints` lists the checkpoints and lm-eval arguments beforehand.
 
     An (entry, benchmark) whose file holds an "ok" result with the same evaluation settings
     and statistics checksum is skipped. Evaluation settings other than those the model's
     results folder was made with are refused before any work (`ResultsSettingsError`), as
     is a second sweep writing the same folder at the same time (`ResultsLockedError`).
     Returns the paths of every result file of the sweep (written or already there).
-
-    The sweep evaluates in memory with lm-eval's HF backend (masking needs the loaded model).
-    For vLLM, prune a fresh copy per entry (`prune_experts` + `save_pruned`) and call
-    ``evaluate(path, None, suite, backend="vllm")`` on the saved checkpoint.
     """
     from ..architecture import find_moe_layers
 
@@ -331,8 +336,16 @@ def sweep(
     calibration = calibration or stats.metadata.get("calibration") or "unknown"
     stats_hash = stats.checksum
     model_id = model_id or weights_fingerprint(model)
-    settings = _settings_fingerprint(suite, limit, seed, "hf", apply_chat_template, model_id)
+    settings = _settings_fingerprint(suite, limit, seed, backend, apply_chat_template, model_id)
     layers = find_moe_layers(model)
+    from_disk = None
+    if backend == "vllm":
+        from .checkpoints import CheckpointEvaluator
+
+        options = {"checkpoint_dir": Path(out_dir).parent / "checkpoints", "seed": seed, **(checkpoints or {})}
+        from_disk = CheckpointEvaluator(model, tokenizer, model_name=model_name, **options)
+    elif backend != "hf":
+        raise ValueError(f"backend={backend!r}: 'hf' (in memory) or 'vllm' (pruned checkpoints on disk)")
     stats.check_model(model)
     model_dir = Path(out_dir) / slug(model_name)
     with results_lock(model_dir):  # also checks that the folder can be written, before any work
@@ -372,7 +385,7 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
             counts["skipped"] += 1
             continue
         kept_key = _kept_key(keep)
-        rows, sources, seconds = {}, {}, 0.0
+        rows, sources, seconds, run = {}, {}, 0.0, None
         for name in todo:  # the same kept experts make the same model: reuse its results
             source = evaluated.get((kept_key, name))
             if source is not None:
@@ -381,11 +394,14 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
         missing = [name for name in todo if name not in rows]
         if missing:
             started = time.time()
-            with nullcontext() if keep is None else mask_experts(model, keep, layers=layers):
-                frame = evaluation.evaluate(
-                    model, tokenizer, suite, limit=limit, batch_size=batch_size, benchmarks=missing, seed=seed,
-                    allow_code_execution=allow_code_execution, apply_chat_template=apply_chat_template,
-                )
+            options = dict(limit=limit, batch_size=batch_size, benchmarks=missing, seed=seed,
+                           allow_code_execution=allow_code_execution, apply_chat_template=apply_chat_template)
+            if from_disk is not None:
+                run = from_disk.run(entry.name, entry.ratio, entry.calibration, keep)
+                frame = from_disk.evaluate(run, keep, suite=suite, **options)
+            else:
+                with nullcontext() if keep is None else mask_experts(model, keep, layers=layers):
+                    frame = evaluation.evaluate(model, tokenizer, suite, **options)
             seconds = time.time() - started
             rows.update({row["benchmark"]: row for row in frame.to_dict("records")})
             counts["evaluated"] += 1
@@ -412,6 +428,7 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "seconds": 0.0 if name in sources else round(seconds, 2),
                     "same_kept_experts_as": sources.get(name),
+                    **(from_disk.provenance(run) if run is not None and name not in sources else {}),
                 },
             }
             path = write_json_atomic(paths[name], record)

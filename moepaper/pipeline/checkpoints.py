@@ -1,0 +1,333 @@
+"""Evaluate pruned models from checkpoints on disk: the sweep's vLLM backend.
+
+vLLM loads weights itself and cannot see `mask_experts`, so ``sweep(..., backend="vllm")``
+evaluates each (criterion, ratio) from a structurally pruned checkpoint:
+
+    fresh copy of the base model -> prune_experts(copy, keep) -> save_pruned(copy, tokenizer, path, keep)
+    -> lm-eval's vLLM backend on `path` (pretrained=path, max_model_len=4096, dtype bfloat16, seed)
+    -> delete `path` (unless ``keep_checkpoints=True``)
+
+The unpruned model is evaluated from the base checkpoint itself when one is known
+(``base_checkpoint``: a local folder or a Hub id), otherwise from a save of the in-memory
+model (deleted afterwards like the others). `plan_checkpoints` lists what a sweep would save
+and the lm-eval arguments it would pass, without running anything; the sweep builds every
+step with the same `CheckpointEvaluator.run`, so the plan is what executes (minus the entries
+a resumed sweep finds already done on disk, and those whose kept experts equal an entry
+already evaluated).
+
+Where the fresh copy comes from: with ``base_checkpoint`` each copy is reloaded from it on the
+CPU (the first one is checked against the in-memory model's weights fingerprint), so a 30B
+model never sits twice in memory; without it the in-memory model is deep-copied (fine for
+small models). Load the model on the CPU for this backend (``device_map=None``): every GPU byte
+it holds is one vLLM cannot use.
+
+Each checkpoint is evaluated in a fresh Python process by default (``isolate=True``,
+`evaluate_in_subprocess`): a vLLM engine does not reliably give its GPU memory back inside
+the process that made it, so a second engine in the same process can run out of memory.
+The child runs ``moepaper.pipeline.evaluation.evaluate(path, None, suite, backend="vllm",
+model_args=...)`` and hands back its rows as JSON.
+
+This module uses the core and `evaluation`; `results.sweep` uses it (not the reverse).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..architecture import find_moe_layers
+from ..criteria import expert_scores, resolve_criteria
+from ..pruning import prune_experts, save_pruned, select_experts
+from ..statistics import ExpertStatistics
+from . import evaluation
+
+log = logging.getLogger(__name__)
+
+UNPRUNED = "unpruned"  # as moepaper.pipeline.results.UNPRUNED
+NO_CALIBRATION = "none"
+
+# The paper's serving settings (docs/paper_protocol.md): a 4096-token context, bf16 weights.
+VLLM_DEFAULTS = {
+    "tensor_parallel_size": 1,
+    "gpu_memory_utilization": 0.85,
+    "max_model_len": 4096,
+    "dtype": "bfloat16",
+}
+
+SUITES_BY_NAME = ("paper", "local", "smoke")  # suites a child process can rebuild from their name
+
+
+def vllm_model_args(checkpoint: str | Path, *, seed: int = 0, **overrides) -> dict:
+    """lm-eval's vLLM model arguments for one checkpoint: ``pretrained`` plus `VLLM_DEFAULTS`,
+    ``seed`` and any `overrides` (other `lm_eval.models.vllm_causallms.VLLM` keywords)."""
+    return {"pretrained": str(checkpoint), **VLLM_DEFAULTS, "seed": int(seed), **overrides}
+
+
+def checkpoint_folder(checkpoint_dir: str | Path, model_name: str, calibration: str, criterion: str, ratio: float) -> Path:
+    """Where the checkpoint of one sweep entry is saved: ``<dir>/<model>/<calibration>/<criterion>__r<ratio>``."""
+    def safe(text) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text).replace(":", "-").replace("/", "--")).strip("_") or "_"
+
+    return Path(checkpoint_dir) / safe(model_name) / safe(calibration) / f"{safe(criterion)}__r{float(ratio):g}"
+
+
+@dataclass(frozen=True)
+class CheckpointRun:
+    """One evaluation of the vLLM backend: which checkpoint, with which lm-eval arguments.
+
+    name: the criterion's name, or ``"unpruned"``.
+    saved: True when the sweep writes this checkpoint (and deletes it afterwards unless kept);
+        False for the unpruned model evaluated from the base checkpoint as it is.
+    model_args: what lm-eval's vLLM backend receives (``pretrained`` is `checkpoint`).
+    experts_kept: experts per MoE layer in the checkpoint.
+    """
+
+    name: str
+    ratio: float
+    calibration: str
+    checkpoint: str
+    saved: bool
+    model_args: dict = field(hash=False, compare=False)
+    experts_kept: tuple[int, ...] = ()
+
+
+def _base_from_model(model) -> str | None:
+    """The folder the in-memory model was loaded from, when it is a local checkpoint."""
+    name = str(getattr(model.config, "_name_or_path", "") or "")
+    return name if name and (Path(name) / "config.json").is_file() else None
+
+
+def _different_weights(a, b, samples: int = 64) -> str | None:
+    """The first parameter or buffer whose name, shape, dtype or strided sample of values differ; None if none."""
+    tensors_b = dict(b.named_parameters()) | dict(b.named_buffers())
+    for name, tensor in list(a.named_parameters()) + list(a.named_buffers()):
+        other = tensors_b.get(name)
+        if other is None or other.shape != tensor.shape or other.dtype != tensor.dtype:
+            return name
+        step = max(1, tensor.numel() // samples)
+        if not torch.equal(tensor.detach().reshape(-1)[::step][:samples].cpu(), other.detach().reshape(-1)[::step][:samples].cpu()):
+            return name
+    return None
+
+
+def _gpu_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cuda")
+
+
+class CheckpointEvaluator:
+    """Save a pruned checkpoint per sweep entry, evaluate it from disk, delete it.
+
+    model, tokenizer: the base model (in memory; load it on the CPU) and its tokenizer,
+        saved into every checkpoint.
+    checkpoint_dir: where checkpoints are written (`checkpoint_folder` below it).
+    model_name: the model's name in checkpoint folders (default: ``config._name_or_path``'s last part).
+    base_checkpoint: the base model's folder or Hub id: the unpruned model is evaluated from
+        it and each pruned copy is reloaded from it. None: the folder the model was loaded
+        from when that is a local checkpoint, else deep copies and a save of the unpruned model.
+    keep_checkpoints: keep every saved checkpoint (default: delete each after its evaluation).
+    batch_size: lm-eval's batch size for this backend, replacing the sweep's: ``"auto"`` (default)
+        hands vLLM every request at once, so its continuous batching runs full; None keeps the sweep's.
+    seed: vLLM's seed (greedy decoding does not sample; the seed only fixes vLLM's own state).
+    evaluate_checkpoint: ``fn(path, model_args, **evaluate_kwargs) -> DataFrame`` of
+        `evaluation.RESULT_COLUMNS` rows; default `evaluate_in_subprocess` (``isolate=True``)
+        or `evaluate_in_process`.
+    **vllm_args: overrides of `VLLM_DEFAULTS` and other lm-eval vLLM arguments
+        (``tensor_parallel_size=2``, ``gpu_memory_utilization=0.9``, ...).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        checkpoint_dir: str | Path,
+        model_name: str | None = None,
+        base_checkpoint: str | Path | None = None,
+        keep_checkpoints: bool = False,
+        seed: int = 0,
+        evaluate_checkpoint: Callable[..., pd.DataFrame] | None = None,
+        isolate: bool = True,
+        batch_size: int | str | None = "auto",
+        **vllm_args,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.model_name = model_name or Path(str(getattr(model.config, "_name_or_path", "") or type(model).__name__)).name
+        self.base_checkpoint = str(base_checkpoint) if base_checkpoint is not None else _base_from_model(model)
+        self.keep_checkpoints = keep_checkpoints
+        self.seed = seed
+        self.batch_size = batch_size
+        self.vllm_args = vllm_args
+        self.evaluate_checkpoint = evaluate_checkpoint or (evaluate_in_subprocess if isolate else evaluate_in_process)
+        self._base_checked = False
+        self.layers = find_moe_layers(model)
+        if _gpu_bytes(model):
+            log.warning("the in-memory model holds %.1f GiB of GPU memory that vLLM cannot use; for backend='vllm' "
+                        "load it on the CPU (device_map=None)", _gpu_bytes(model) / 2**30)
+
+    def run(self, name: str, ratio: float, calibration: str, keep) -> CheckpointRun:
+        """The checkpoint and lm-eval arguments of one entry (`keep` None: the unpruned model)."""
+        if keep is None and self.base_checkpoint is not None:
+            path, saved = self.base_checkpoint, False
+        else:
+            path, saved = str(checkpoint_folder(self.checkpoint_dir, self.model_name, calibration, name, ratio)), True
+        kept = tuple(l.num_experts for l in self.layers) if keep is None else tuple(len(k) for k in keep)
+        return CheckpointRun(name, float(ratio), calibration, path, saved,
+                             vllm_model_args(path, seed=self.seed, **self.vllm_args), kept)
+
+    def fresh_model(self):
+        """An unpruned copy of the base model on the CPU: reloaded from `base_checkpoint`, or a deep copy."""
+        if self.base_checkpoint is None:
+            return copy.deepcopy(self.model).cpu()
+        from transformers import AutoModelForCausalLM
+
+        fresh = AutoModelForCausalLM.from_pretrained(self.base_checkpoint, dtype=self.model.dtype).eval()
+        if not self._base_checked:  # results are keyed by the in-memory model: the copies must be that model
+            different = _different_weights(self.model, fresh)
+            if different:
+                raise ValueError(
+                    f"base_checkpoint {self.base_checkpoint!r} is not the in-memory model (first difference: {different}); "
+                    "pass the checkpoint the model was loaded from"
+                )
+            self._base_checked = True
+        return fresh
+
+    def save(self, run: CheckpointRun, keep) -> Path:
+        """Write the checkpoint of `run`: the pruned copy (or the unpruned model) with its tokenizer and provenance."""
+        path = Path(run.checkpoint)
+        if path.exists():
+            shutil.rmtree(path)  # a leftover of an interrupted run: never evaluate a half-written checkpoint
+        extra = {"sweep_entry": {"criterion": run.name, "ratio": run.ratio, "calibration": run.calibration}}
+        if keep is None:
+            everything = [list(range(layer.num_experts)) for layer in self.layers]
+            return save_pruned(self.model, self.tokenizer, path, everything, extra=extra)
+        pruned = self.fresh_model()
+        try:
+            prune_experts(pruned, keep)
+            return save_pruned(pruned, self.tokenizer, path, keep, extra=extra)
+        finally:
+            del pruned
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def evaluate(self, run: CheckpointRun, keep, **evaluate_kwargs) -> pd.DataFrame:
+        """Save `run`'s checkpoint (when it is saved), evaluate it, delete it unless kept (also on error)."""
+        if self.batch_size is not None:
+            evaluate_kwargs["batch_size"] = self.batch_size
+        if run.saved:
+            self.save(run, keep)
+        elif not self._base_checked:  # the base is evaluated as it is: check once that it is the in-memory model
+            self.fresh_model()
+            gc.collect()
+        try:
+            return self.evaluate_checkpoint(run.checkpoint, dict(run.model_args), **evaluate_kwargs)
+        finally:
+            if run.saved and not self.keep_checkpoints:
+                shutil.rmtree(run.checkpoint, ignore_errors=True)
+
+    def provenance(self, run: CheckpointRun) -> dict:
+        """What a result record says about the checkpoint it came from."""
+        args = {k: v for k, v in run.model_args.items() if k != "pretrained"}
+        return {"checkpoint": run.checkpoint, "checkpoint_kept": (not run.saved) or self.keep_checkpoints, "vllm": args}
+
+
+def plan_checkpoints(
+    model,
+    stats: ExpertStatistics,
+    *,
+    criteria: str | Sequence | None = None,
+    ratios: Sequence[float] = (0.25, 0.5),
+    calibration: str | None = None,
+    checkpoint_dir: str | Path,
+    model_name: str | None = None,
+    base_checkpoint: str | Path | None = None,
+    include_unpruned: bool = True,
+    seed: int = 0,
+    **vllm_args,
+) -> list[CheckpointRun]:
+    """What ``sweep(..., backend="vllm")`` would save and evaluate, without running anything.
+
+    One `CheckpointRun` per entry, in the sweep's order: the unpruned model, then every
+    criterion at every ratio, with the checkpoint folder and lm-eval's vLLM arguments. The
+    arguments are the sweep's (``checkpoint_dir``, ``base_checkpoint``, ``seed`` and vLLM
+    overrides as in ``sweep(checkpoints={...})``). A resumed sweep skips entries already on
+    disk and copies results of entries whose kept experts equal one already evaluated.
+    """
+    evaluator = CheckpointEvaluator(model, None, checkpoint_dir=checkpoint_dir, model_name=model_name,
+                                    base_checkpoint=base_checkpoint, seed=seed, evaluate_checkpoint=_not_run, **vllm_args)
+    calibration = calibration or stats.metadata.get("calibration") or "unknown"
+    runs = [evaluator.run(UNPRUNED, 0.0, NO_CALIBRATION, None)] if include_unpruned else []
+    for criterion in resolve_criteria(criteria):
+        for ratio in ratios:
+            keep = select_experts(expert_scores(stats, criterion), ratio=float(ratio), layers=evaluator.layers)
+            runs.append(evaluator.run(criterion.name, ratio, calibration, keep))
+    return runs
+
+
+def _not_run(*args, **kwargs):  # pragma: no cover - a plan never evaluates
+    raise RuntimeError("a plan does not evaluate")
+
+
+def evaluate_in_process(checkpoint: str | Path, model_args: dict, *, suite="paper", backend: str = "vllm",
+                        **evaluate_kwargs) -> pd.DataFrame:
+    """``evaluation.evaluate(checkpoint, None, suite, backend="vllm", model_args=model_args, ...)`` in this process."""
+    args = {k: v for k, v in model_args.items() if k != "pretrained"} if backend == "vllm" else None
+    return evaluation.evaluate(str(checkpoint), None, suite, backend=backend, model_args=args, **evaluate_kwargs)
+
+
+def evaluate_in_subprocess(checkpoint: str | Path, model_args: dict, *, suite="paper", backend: str = "vllm",
+                           **evaluate_kwargs) -> pd.DataFrame:
+    """`evaluate_in_process` in a fresh Python process (``python -m moepaper.pipeline.checkpoints``),
+    so each vLLM engine's GPU memory is released when its checkpoint is done.
+
+    The suite goes by name (``paper``, ``local``, ``smoke``); the child's output (vLLM and
+    lm-eval logs) goes to this process's stdout and stderr. A child that fails raises
+    RuntimeError here.
+    """
+    suite_name = suite if isinstance(suite, str) else suite.name
+    if suite_name not in SUITES_BY_NAME or evaluation.get_suite(suite_name) != evaluation.get_suite(suite):
+        raise ValueError(f"suite {suite_name!r} cannot be rebuilt by name in a child process; "
+                         "use a named suite or CheckpointEvaluator(isolate=False)")
+    request = {"checkpoint": str(checkpoint), "model_args": model_args, "suite": suite_name, "backend": backend,
+               "evaluate": evaluate_kwargs}
+    with tempfile.TemporaryDirectory(prefix="moepaper-eval-") as folder:
+        request_path, output_path = Path(folder) / "request.json", Path(folder) / "rows.json"
+        request_path.write_text(json.dumps(request))
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])  # this moepaper, not another install
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        done = subprocess.run([sys.executable, "-m", "moepaper.pipeline.checkpoints", str(request_path), str(output_path)],
+                              env=env, check=False)
+        if done.returncode != 0 or not output_path.exists():
+            raise RuntimeError(f"evaluating {checkpoint} in a child process failed (exit status {done.returncode}); "
+                               "its error is printed above")
+        rows = json.loads(output_path.read_text())
+    return pd.DataFrame(rows, columns=evaluation.RESULT_COLUMNS)
+
+
+def _child(request_path: str, output_path: str) -> int:
+    request = json.loads(Path(request_path).read_text())
+    frame = evaluate_in_process(request["checkpoint"], request["model_args"], suite=request["suite"],
+                                backend=request["backend"], **request["evaluate"])
+    Path(output_path).write_text(frame.to_json(orient="records"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(*sys.argv[1:3]))
