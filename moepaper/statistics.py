@@ -62,7 +62,9 @@ def model_identity(model: nn.Module) -> dict:
     fingerprint is None when a router weight is not materialised (meta device)."""
     import hashlib
 
-    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _RUNTIME_CONFIG_KEYS}
+    aliases = set(getattr(model.config, "attribute_map", {}))  # e.g. Qwen3-MoE's num_experts, written beside its target by save_pruned
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k not in _RUNTIME_CONFIG_KEYS and k not in aliases}
     config_sha = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
     routers = {t.path: t.tensor for layer in find_moe_layers(model) for t in layer.router_tensors}
     materialised = all(t.device.type != "meta" for t in routers.values())

@@ -37,7 +37,7 @@ import gc
 import json
 import logging
 import os
-import re
+
 import shutil
 import subprocess
 import sys
@@ -54,11 +54,10 @@ from ..criteria import expert_scores, resolve_criteria
 from ..pruning import prune_experts, save_pruned, select_experts
 from ..statistics import ExpertStatistics
 from . import evaluation
+from .keys import NO_CALIBRATION, UNPRUNED, entry_folder
 
 log = logging.getLogger(__name__)
 
-UNPRUNED = "unpruned"  # as moepaper.pipeline.results.UNPRUNED
-NO_CALIBRATION = "none"
 
 # The paper's serving settings (docs/paper_protocol.md): a 4096-token context, bf16 weights.
 VLLM_DEFAULTS = {
@@ -77,12 +76,10 @@ def vllm_model_args(checkpoint: str | Path, *, seed: int = 0, **overrides) -> di
     return {"pretrained": str(checkpoint), **VLLM_DEFAULTS, "seed": int(seed), **overrides}
 
 
-def checkpoint_folder(checkpoint_dir: str | Path, model_name: str, calibration: str, criterion: str, ratio: float) -> Path:
-    """Where the checkpoint of one sweep entry is saved: ``<dir>/<model>/<calibration>/<criterion>__r<ratio>``."""
-    def safe(text) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text).replace(":", "-").replace("/", "--")).strip("_") or "_"
-
-    return Path(checkpoint_dir) / safe(model_name) / safe(calibration) / f"{safe(criterion)}__r{float(ratio):g}"
+def checkpoint_folder(checkpoint_dir: str | Path, model_name: str, calibration: str, criterion, removed) -> Path:
+    """Where the checkpoint of one sweep entry is saved: ``<dir>/<model>/<calibration>/<criterion key>__removed<n>``,
+    the same key as its result files (`moepaper.pipeline.keys`)."""
+    return Path(checkpoint_dir) / entry_folder(model_name, calibration, criterion, removed)
 
 
 @dataclass(frozen=True)
@@ -180,12 +177,14 @@ class CheckpointEvaluator:
             log.warning("the in-memory model holds %.1f GiB of GPU memory that vLLM cannot use; for backend='vllm' "
                         "load it on the CPU (device_map=None)", _gpu_bytes(model) / 2**30)
 
-    def run(self, name: str, ratio: float, calibration: str, keep) -> CheckpointRun:
-        """The checkpoint and lm-eval arguments of one entry (`keep` None: the unpruned model)."""
+    def run(self, criterion, ratio: float, calibration: str, keep) -> CheckpointRun:
+        """The checkpoint and lm-eval arguments of one entry (`criterion` ``"unpruned"`` and `keep` None: the unpruned model)."""
+        name = criterion if isinstance(criterion, str) else criterion.name
+        removed = [0] * len(self.layers) if keep is None else [l.num_experts - len(k) for l, k in zip(self.layers, keep)]
         if keep is None and self.base_checkpoint is not None:
             path, saved = self.base_checkpoint, False
         else:
-            path, saved = str(checkpoint_folder(self.checkpoint_dir, self.model_name, calibration, name, ratio)), True
+            path, saved = str(checkpoint_folder(self.checkpoint_dir, self.model_name, calibration, criterion, removed)), True
         kept = tuple(l.num_experts for l in self.layers) if keep is None else tuple(len(k) for k in keep)
         return CheckpointRun(name, float(ratio), calibration, path, saved,
                              vllm_model_args(path, seed=self.seed, **self.vllm_args), kept)
@@ -276,7 +275,7 @@ def plan_checkpoints(
     for criterion in resolve_criteria(criteria):
         for ratio in ratios:
             keep = select_experts(expert_scores(stats, criterion), ratio=float(ratio), layers=evaluator.layers)
-            runs.append(evaluator.run(criterion.name, ratio, calibration, keep))
+            runs.append(evaluator.run(criterion, ratio, calibration, keep))
     return runs
 
 

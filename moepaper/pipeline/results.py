@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
@@ -45,14 +44,13 @@ from pathlib import Path
 
 import torch
 
-from ..criteria import Criterion, StatisticCriterion, expert_scores, get_criterion, resolve_criteria
+from ..criteria import Criterion, StatisticCriterion, expert_scores, resolve_criteria
 from ..project import atomic_write, check_writable, relative_to_project
 from ..provenance import versions
 from ..statistics import ExpertStatistics
 from . import evaluation
+from .keys import NO_CALIBRATION, UNPRUNED, criterion_key, entry_folder, removed_tag, slug  # noqa: F401 (also imported from here)
 
-UNPRUNED = "unpruned"
-NO_CALIBRATION = "none"
 TASK_AGNOSTIC = "task-agnostic"
 TASK_SPECIFIC = "task-specific"
 SETTINGS = (TASK_AGNOSTIC, TASK_SPECIFIC)
@@ -73,42 +71,10 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- names and paths
 
 
-def slug(text: str) -> str:
-    """A file-name-safe form: ``S(0,2,1)`` -> ``S_0_2_1``, ``embedded:code`` -> ``embedded-code``."""
-    text = str(text).replace(":", "-").replace("/", "--")
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "_"
-
-
-def criterion_key(criterion: Criterion | StatisticCriterion | str | tuple) -> str:
-    """What identifies a criterion in result paths: ``S_1_0_1`` for a point of the family
-    (named or not), the name for one outside it (``mone``), ``unpruned`` for the unpruned model."""
-    if isinstance(criterion, str) and criterion == UNPRUNED:
-        return UNPRUNED
-    try:
-        c = get_criterion(criterion)
-    except ValueError:
-        return slug(criterion)
-    if c.point is None:
-        return slug(c.name)
-    return "S_{}_{}_{}".format(*c.point)
-
-
-def removed_tag(removed: int | Sequence[int]) -> str:
-    """``removed4`` when every layer loses 4 experts, ``removed4-4-3-4`` when layers differ."""
-    counts = [removed] if isinstance(removed, (int, float)) else list(removed)
-    if any(isinstance(n, float) or int(n) != n or n < 0 for n in counts):
-        raise ValueError(f"removed={removed!r}: a count of experts removed (per layer), not a ratio")
-    counts = [int(n) for n in counts]
-    if not counts or len(set(counts)) == 1:
-        return f"removed{counts[0] if counts else 0}"
-    return "removed" + "-".join(str(n) for n in counts)
-
-
 def result_path(out_dir: str | Path, model: str, calibration: str, criterion, removed: int | Sequence[int],
                 benchmark: str) -> Path:
     """Where the result of one (model, calibration, criterion, experts removed per layer, benchmark) lives."""
-    entry = f"{criterion_key(criterion)}__{removed_tag(removed)}"
-    return Path(out_dir) / slug(model) / slug(calibration) / entry / f"{slug(benchmark)}.json"
+    return Path(out_dir) / entry_folder(model, calibration, criterion, removed) / f"{slug(benchmark)}.json"
 
 
 def write_json_atomic(path: str | Path, record: dict) -> Path:
@@ -355,12 +321,12 @@ def sweep(
                       limit=limit, batch_size=batch_size, seed=seed, include_unpruned=include_unpruned,
                       allow_code_execution=allow_code_execution, apply_chat_template=apply_chat_template,
                       progress=progress, reuse_identical=reuse_identical, on_entry=on_entry, stats_hash=stats_hash,
-                      settings=settings)
+                      settings=settings, from_disk=from_disk)
 
 
 def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting, model_name, calibration, statistics_path,
            out_dir, limit, batch_size, seed, include_unpruned, allow_code_execution, apply_chat_template, progress,
-           reuse_identical, on_entry, stats_hash, settings) -> list[Path]:
+           reuse_identical, on_entry, stats_hash, settings, from_disk=None) -> list[Path]:
     from tqdm.auto import tqdm
 
     from ..pruning import mask_experts, select_experts
@@ -397,7 +363,7 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
             options = dict(limit=limit, batch_size=batch_size, benchmarks=missing, seed=seed,
                            allow_code_execution=allow_code_execution, apply_chat_template=apply_chat_template)
             if from_disk is not None:
-                run = from_disk.run(entry.name, entry.ratio, entry.calibration, keep)
+                run = from_disk.run(entry.criterion, entry.ratio, entry.calibration, keep)
                 frame = from_disk.evaluate(run, keep, suite=suite, **options)
             else:
                 with nullcontext() if keep is None else mask_experts(model, keep, layers=layers):

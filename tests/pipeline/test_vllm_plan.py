@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from moepaper import collect_statistics
 from moepaper.architecture import find_moe_layers
 from moepaper.pipeline import checkpoints, evaluation
+from moepaper.pipeline.keys import entry_folder
 from moepaper.pipeline.results import read_result, sweep
 from moepaper.pruning import PROVENANCE_FILE
 from moepaper.testbed.tiny import random_batch, tiny_model, tiny_tokenizer
@@ -69,11 +70,12 @@ def test_each_entry_is_saved_evaluated_from_disk_and_deleted(tiny, tmp_path):
     assert len(fake.calls) == 1 + len(CRITERIA) * len(RATIOS)
 
     unpruned, *pruned = fake.calls
-    assert unpruned["path"] == str(tmp_path / "ckpt" / "tiny" / "none" / "unpruned__r0")
+    assert unpruned["path"] == str(tmp_path / "ckpt" / "tiny" / "none" / "unpruned__removed0")
     assert unpruned["experts"] == [8] * N_MOE
     expected = {(c, r): [8 - round(r * 8)] * N_MOE for c in CRITERIA for r in RATIOS}  # 2 / 4 of 8 removed per layer
     for call, (criterion, ratio) in zip(pruned, [(c, r) for c in CRITERIA for r in RATIOS]):
-        assert call["path"] == str(tmp_path / "ckpt" / "tiny" / "random" / f"{criterion}__r{ratio:g}")
+        removed = round(ratio * 8)  # the same key as the result files: the point and the experts removed
+        assert call["path"] == str(tmp_path / "ckpt" / entry_folder("tiny", "random", criterion, removed))
         assert call["experts"] == expected[criterion, ratio]
     for call in fake.calls:  # the vLLM arguments of the paper's protocol
         assert call["model_args"] == {"pretrained": call["path"], **EXPECTED_ARGS}
@@ -99,14 +101,14 @@ def test_each_entry_is_saved_evaluated_from_disk_and_deleted(tiny, tmp_path):
 
 def test_keep_checkpoints(tiny, tmp_path):
     run_sweep(tiny, tmp_path, FakeEvaluation(), keep_checkpoints=True)
-    folder = tmp_path / "ckpt" / "tiny" / "random" / "man__r0.5"
+    folder = tmp_path / "ckpt" / "tiny" / "random" / "S_1_0_1__removed4"
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert [layer.num_experts for layer in find_moe_layers(model)] == [4] * N_MOE
     provenance = json.loads((folder / PROVENANCE_FILE).read_text())
     assert provenance["criterion"]["name"] == "man" and provenance["ratio"] == 0.5
     assert provenance["extra"]["sweep_entry"] == {"criterion": "man", "ratio": 0.5, "calibration": "random"}
     assert len(list((tmp_path / "ckpt").rglob("config.json"))) == 1 + len(CRITERIA) * len(RATIOS)
-    record = read_result(tmp_path / "results" / "tiny" / "random" / "man__r0.5" / "code_ppl.json")
+    record = read_result(tmp_path / "results" / "tiny" / "random" / "S_1_0_1__removed4" / "code_ppl.json")
     assert record["provenance"]["checkpoint_kept"] is True
 
 
@@ -159,7 +161,7 @@ def test_records_have_the_in_memory_sweeps_shape(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "evaluate", in_memory)
     sweep(model, tokenizer, stats, criteria=CRITERIA, ratios=RATIOS, suite="smoke", model_name="tiny",
           out_dir=tmp_path / "hf", progress=False, reuse_identical=False)
-    for vllm_path in (tmp_path / "results").rglob("*.json"):
+    for vllm_path in (tmp_path / "results").rglob("*/*/*/*.json"):  # result records, not the settings record
         hf = read_result(tmp_path / "hf" / vllm_path.relative_to(tmp_path / "results"))
         vllm = read_result(vllm_path)
         assert set(vllm) == set(hf)
