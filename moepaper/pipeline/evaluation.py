@@ -48,7 +48,7 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -359,7 +359,7 @@ def evaluate(
             for b in runnable:
                 rows[b.name] = _row(b, suite, status=FAILED, note=reason)
         else:
-            with _quiet(quiet), code_eval:
+            with _quiet(quiet), code_eval, _environment_report_once():
                 manager = task_manager(suite.include_path, suite.include_defaults)
                 for b in runnable:
                     rows[b.name] = _evaluate_benchmark(
@@ -423,6 +423,30 @@ def _evaluate_benchmark(lm, manager, b: Benchmark, suite: Suite, limit, *, sprea
         higher_is_better=bool(higher) if higher is not None else True, n=int(n or 0), status=OK,
         note=f"{time.time() - started:.1f} s",
     )
+
+
+_ENVIRONMENT_REPORT: dict = {}
+
+
+@contextmanager
+def _environment_report_once():
+    """lm-eval adds an environment report to every result by running `pip list` and the like
+    (torch's collect_env, about 0.6 s a call); with one call per benchmark that dominated small
+    runs. Within this context the report is made once per process and copied (we do not use it)."""
+    import lm_eval.evaluator
+
+    original = lm_eval.evaluator.add_env_info
+
+    def add_env_info_once(storage: dict):
+        if not _ENVIRONMENT_REPORT:
+            original(_ENVIRONMENT_REPORT)
+        storage.update(_ENVIRONMENT_REPORT)
+
+    lm_eval.evaluator.add_env_info = add_env_info_once
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.add_env_info = original
 
 
 def _first_line(error: BaseException) -> str:
