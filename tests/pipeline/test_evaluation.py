@@ -180,6 +180,35 @@ def test_a_failing_benchmark_is_recorded_and_the_others_run(tiny, tokenizer, tas
     assert "\n" not in frame.loc["bad_metric", "note"]
 
 
+def test_a_missing_extra_fails_its_benchmark_only(tiny, tokenizer, monkeypatch):
+    """MATH-500 without math-verify (`pip install -e ".[paper]"`) is a failed row naming the extra; GSM8K still runs."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # as if lm-eval[math] were not installed
+    frame = evaluate(tiny, tokenizer, "paper-rehearsal", benchmarks=["gsm8k", "math500"]).set_index("benchmark")
+    assert frame.loc["gsm8k", "status"] == "ok"
+    assert frame.loc["math500", "status"] == "failed" and "math_verify" in frame.loc["math500", "note"]
+
+
+def test_the_sweep_records_failures_goes_on_and_retries_them(tiny, tokenizer, task_suite, tiny_stats, tmp_path):
+    broken = Suite("broken", task_suite.benchmarks + (Benchmark("missing", "Missing", "no_such_task"),),
+                   include_path=task_suite.include_path, include_defaults=False, limit=2)
+    kwargs = dict(criteria=["man"], ratios=[0.5], suite=broken, out_dir=tmp_path, model_name="tiny", progress=False)
+    paths = sweep(tiny, tokenizer, tiny_stats, **kwargs)
+    records = [read_result(p) for p in paths]
+    assert len(records) == 8 and all(r is not None for r in records)
+    assert sorted((r["benchmark"], r["status"]) for r in records if r["status"] != "ok") == [("missing", "failed")] * 2
+    failed = read_result(result_path(tmp_path, "tiny", "random", "man", 0.5, "missing"))
+    assert "no_such_task" in failed["note"] and failed["kept"] is not None
+    from moepaper.pipeline.tables import load_results
+
+    table = load_results(tmp_path)
+    assert (table[table["benchmark"] == "missing"]["status"] == "failed").all()
+    stamps = {p: p.stat().st_mtime_ns for p in paths}
+    sweep(tiny, tokenizer, tiny_stats, **kwargs)  # a rerun retries the failures only
+    assert [p.name for p in paths if p.stat().st_mtime_ns != stamps[p]] == ["missing.json"] * 2
+
+
 def test_a_model_with_nan_logits_is_failed_not_ok(tokenizer, task_suite):
     """Issue 11 case 8: an LM head yielding NaN was recorded as "ok" (lm-eval's argmax turns NaN into a score)."""
     model = tiny_model("qwen3_moe", max_position_embeddings=1024)
