@@ -15,7 +15,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch pinned in the same command so pip takes the CPU wheel, never a CUDA build
-	$(PY) -m pip install --quiet "torch==2.13.0" -e ".[notebooks,test]"
+	$(PY) -m pip install --quiet "torch==2.13.0" -e ".[notebooks,test,paper]"
 	# the notebooks' kernel, inside .venv (not the user's home): two clones never share it
 	$(PY) -m ipykernel install --sys-prefix --name moepaper --display-name "Python (moepaper)" >/dev/null
 	touch $(STAMP)

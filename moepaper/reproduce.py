@@ -17,6 +17,17 @@ Configurations (`--config`):
     paper     the paper's four models on GPU (needs the Hub and a GPU): outputs in runs/paper/
     tiny      a tiny random Qwen3-MoE, a few items per task (CI): outputs in runs/tiny/
 
+``--config paper --rehearsal`` rehearses the paper route on a CPU, offline: the four paper
+architectures at rehearsal size ("rehearsal:<key>", random weights), the three calibration
+sources' stand-in rows ("standin:<key>"), the paper suite on stand-in data
+("paper-rehearsal": lm-eval's own tasks and the paper's protocol, short generations),
+two criteria (MAN, Frequency) at 25% plus the unpruned model: every code path of the
+paper route runs for every model. Outputs in runs/paper-rehearsal/.
+
+``--allow-code-execution`` runs HumanEval(+) / MBPP(+), which execute model-written code
+(lm-eval's ``HF_ALLOW_CODE_EVAL``); without it they are recorded as "not run". Use it in a
+sandbox or on a machine you trust with the code the model writes.
+
 Every path is under the project root: the checkout the command runs in (or
 ``--root``), never the checkout moepaper happens to be installed from. This module is the
 only one that decides where outputs go; notebooks receive paths relative to that root and
@@ -34,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pipeline.models import PAPER_MODELS
+from .pipeline.paper_models import PAPER_MODELS, REHEARSAL_PREFIX
 from .pipeline.results import TASK_AGNOSTIC, TASK_SPECIFIC, slug
 from .project import DATA, FIGURES, NOTEBOOKS, RUNS, project_root
 
@@ -109,6 +120,34 @@ def _configs() -> dict[str, RunConfig]:
 
 CONFIGS = _configs()
 
+# The rehearsal's reduced grid: two criteria of different kinds (b = 1 and b = 0), one ratio.
+REHEARSAL_CRITERIA = ["man", "frequency"]
+REHEARSAL_RATIOS = [0.25]
+
+
+def rehearsal(config: RunConfig) -> RunConfig:
+    """`config` (the paper's) on rehearsal-size models and stand-in data, on a CPU, outputs in runs/<name>-rehearsal/.
+
+    Same models (as ``rehearsal:<key>``), same calibration sources (as ``standin:<key>``, the
+    same formatting and packing) and settings, the paper suite on stand-in tasks
+    (``paper-rehearsal``), `REHEARSAL_CRITERIA` at `REHEARSAL_RATIOS`, small calibration
+    (8 x 128 tokens: the stand-in rows hold about 3,000 characters per source).
+    """
+    from .pipeline.calibration import STANDIN_PREFIX
+
+    name = f"{config.name}-rehearsal"
+    models = [
+        ModelRun(
+            m.name, REHEARSAL_PREFIX + m.model, {STANDIN_PREFIX + source: setting for source, setting in m.calibrations.items()},
+            list(REHEARSAL_RATIOS), dict(n_sequences=8, seq_len=128, batch_size=8),
+            {**m.evaluate, "suite": "paper-rehearsal", "criteria": list(REHEARSAL_CRITERIA), "batch_size": 16},
+            dict(threads=1),
+        )
+        for m in config.models
+    ]
+    return RunConfig(name, models, f"{RUNS}/{name}/statistics", f"{RUNS}/{name}/results", f"{RUNS}/{name}/figures",
+                     run_science=False)
+
 
 def ensure_kernel() -> str:
     """The notebooks' kernel, for this very interpreter, inside its environment (``sys.prefix``).
@@ -162,9 +201,10 @@ def run_notebook(notebook: str, output: Path, parameters: dict, *, root: Path, f
     return True
 
 
-def plan(config: RunConfig, root: Path) -> list[tuple[str, Path, dict]]:
+def plan(config: RunConfig, root: Path, *, allow_code_execution: bool = False) -> list[tuple[str, Path, dict]]:
     """The (notebook, executed copy, parameters) steps of a configuration, in order; paths in
-    parameters are relative to `root`, executed copies under ``root/runs/<config>``."""
+    parameters are relative to `root`, executed copies under ``root/runs/<config>``.
+    allow_code_execution: passed to 02 (HumanEval(+) / MBPP(+) run model-written code)."""
     out = root / RUNS / config.name
     steps = []
     statistics_by_model: dict[str, dict[str, str]] = {}
@@ -177,7 +217,8 @@ def plan(config: RunConfig, root: Path) -> list[tuple[str, Path, dict]]:
                           dict(model=m.model, model_name=m.name, calibration=source, output=stats_path, **m.load, **m.collect)))
             steps.append(("02_prune_and_evaluate.ipynb", out / f"02__{tag}.ipynb",
                           dict(model=m.model, model_name=m.name, statistics=stats_path, setting=setting,
-                               ratios=m.ratios, results_dir=config.results_dir, **m.load, **m.evaluate)))
+                               ratios=m.ratios, results_dir=config.results_dir, **m.load, **m.evaluate,
+                               **({"allow_code_execution": True} if allow_code_execution else {}))))
     if config.run_science:
         steps.append(("00_formulation.ipynb", out / "00_formulation.ipynb", dict(config.science)))
         steps.append(("03_damage_check.ipynb", out / "03_damage_check.ipynb", dict(config.science)))
@@ -191,6 +232,11 @@ def plan(config: RunConfig, root: Path) -> list[tuple[str, Path, dict]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="embedded", choices=sorted(CONFIGS))
+    parser.add_argument("--rehearsal", action="store_true",
+                        help="with --config paper: rehearse on CPU, offline (rehearsal-size models, stand-in data); "
+                             "outputs in runs/paper-rehearsal/")
+    parser.add_argument("--allow-code-execution", action="store_true",
+                        help="run HumanEval(+) / MBPP(+), which execute model-written code (else recorded as 'not run')")
     parser.add_argument("--only", nargs="*", help="run only these notebooks (e.g. 04_tables_and_figures.ipynb)")
     parser.add_argument("--force", action="store_true", help="re-execute notebooks already done (results on disk are still reused)")
     parser.add_argument("--list", action="store_true", help="print the steps and exit")
@@ -198,8 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="the checkout to read from and write to (default: the one holding the current directory)")
     args = parser.parse_args(argv)
     config = CONFIGS[args.config]
+    if args.rehearsal:
+        if args.config != "paper":
+            parser.error("--rehearsal rehearses the paper route: use it with --config paper")
+        config = rehearsal(config)
     root = project_root(args.root)
-    steps = plan(config, root)
+    steps = plan(config, root, allow_code_execution=args.allow_code_execution)
     if args.only:
         steps = [s for s in steps if s[0] in args.only or s[0].split("_")[0] in args.only]
     if args.list:

@@ -16,6 +16,10 @@ Sources (`SOURCES` below is the one table of ids, splits and fields):
   split of one domain of the embedded corpus (`moepaper.testbed.corpus`), offline.
 - ``"embedded:mixed"``: the three embedded domains interleaved document by document in
   equal shares: the task-agnostic calibration set of the embedded model.
+- ``"standin:c4"``, ``"standin:code"``, ``"standin:math"``: the hub source of that key with
+  its records read from the repository's stand-in rows (`moepaper.pipeline.standin.
+  calibration_standin`, the hub schema) instead of the hub; formatting (chat template),
+  shuffling and packing are the real source's. For rehearsing the paper route offline.
 
 The hub sources are streamed through `datasets` when online. Offline (``HF_HUB_OFFLINE``
 or ``HF_DATASETS_OFFLINE`` set) they are read from the local `datasets` cache; when they
@@ -83,6 +87,8 @@ SOURCES: dict[str, HubSource] = {
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_SOURCES = ("embedded:mixed", "embedded:literature", "embedded:code", "embedded:math")
+STANDIN_PREFIX = "standin:"
+STANDIN_SOURCES = tuple(STANDIN_PREFIX + key for key in SOURCES)
 
 # Documents kept in the shuffle buffer when streaming a hub source.
 SHUFFLE_BUFFER = 10_000
@@ -93,7 +99,12 @@ class CalibrationDataUnavailable(RuntimeError):
 
 
 def available_sources() -> list[str]:
-    return list(SOURCES) + list(EMBEDDED_SOURCES)
+    return list(SOURCES) + list(EMBEDDED_SOURCES) + list(STANDIN_SOURCES)
+
+
+def hub_source(source: str) -> HubSource | None:
+    """The `HubSource` whose schema and formatting `source` uses ("c4" and "standin:c4" alike), else None."""
+    return SOURCES.get(source.removeprefix(STANDIN_PREFIX))
 
 
 # ---------------------------------------------------------------- documents
@@ -150,6 +161,15 @@ def _hub_documents(key: str, seed: int) -> Iterator[dict]:
     yield from dataset
 
 
+def _standin_documents(key: str, seed: int) -> Iterator[dict]:
+    """The stand-in records of hub source `key`, shuffled with `seed` (the hub schema, a few rows)."""
+    from .standin import calibration_standin
+
+    records = calibration_standin(key)
+    random.Random(seed).shuffle(records)
+    yield from records
+
+
 def _embedded_documents(key: str, seed: int, split: str = "calibration") -> Iterator[str]:
     """Documents of one split of the embedded corpus, shuffled; "mixed" interleaves domains."""
     from ..testbed.corpus import DOMAINS, read_split
@@ -196,10 +216,12 @@ def calibration_texts(source: str, tokenizer=None, *, seed: int = 0, split: str 
         return
     if split != "calibration":
         raise ValueError(f"split={split!r}: only embedded sources have splits; {source!r} is a hub source")
-    if source not in SOURCES:
+    hub = hub_source(source)
+    if hub is None:
         raise ValueError(f"unknown calibration source {source!r}; known: {', '.join(available_sources())}")
-    hub = SOURCES[source]
-    for record in _hub_documents(source, seed):
+    key = source.removeprefix(STANDIN_PREFIX)
+    records = _standin_documents(key, seed) if source.startswith(STANDIN_PREFIX) else _hub_documents(key, seed)
+    for record in records:  # only where records come from differs; formatting is the source's
         yield format_record(record, hub, tokenizer)
 
 
@@ -218,7 +240,8 @@ def calibration_sequences(source: str, tokenizer, *, n_sequences: int, seq_len: 
     if n_sequences < 1 or seq_len < 1:
         raise ValueError("n_sequences and seq_len must be positive")
     eos = tokenizer.eos_token_id
-    chat = source in SOURCES and SOURCES[source].chat and bool(getattr(tokenizer, "chat_template", None))
+    hub = hub_source(source)
+    chat = hub is not None and hub.chat and bool(getattr(tokenizer, "chat_template", None))
     sequences = torch.empty(n_sequences, seq_len, dtype=torch.long)
     buffer: list[int] = []
     produced = 0
@@ -272,5 +295,9 @@ def calibration_batches(
 
 def calibration_description(source: str, *, n_sequences: int, seq_len: int, seed: int) -> str:
     """A one-line description for `collect_statistics(calibration=...)` and result provenance."""
-    where = SOURCES[source].path if source in SOURCES else "moepaper embedded corpus, calibration split"
+    hub = hub_source(source)
+    if source.startswith(STANDIN_PREFIX) and hub is not None:
+        where = f"stand-in rows in the schema of {hub.path}"
+    else:
+        where = hub.path if hub is not None else "moepaper embedded corpus, calibration split"
     return f"{source} ({where}): {n_sequences} x {seq_len} tokens, seed {seed}"

@@ -7,15 +7,30 @@ pruned model it stands for, and returns one tidy row per benchmark.
 Suites
 ------
 - ``paper``: the 16 benchmarks of the paper (`PAPER_BENCHMARKS`). The 14 that lm-eval
-  provides run zero-shot with greedy decoding and at most 2048 new tokens. HumanEval(+)
+  provides run with the authors' protocol where lm-eval can: zero-shot, no chat template
+  (``apply_chat_template=False``, the default), greedy decoding, at most 2048 new tokens,
+  a 4096-token context (``max_length`` of lm-eval's model; docs/paper_protocol.md). HumanEval(+)
   and MBPP(+) execute model-written code and run only with ``allow_code_execution=True``
   (which sets ``HF_ALLOW_CODE_EVAL=1`` and lm-eval's ``confirm_run_unsafe_code``); without
   it they are reported with status "not run". LiveCodeBench and WildBench are not in
   lm-eval: they are reported as "not run", each naming the harness to run instead.
   The paper suite needs the hub datasets (run online once, or with a filled cache).
+- ``paper-rehearsal``: the paper suite on stand-in data (`moepaper.pipeline.standin`):
+  lm-eval's own 14 task definitions with only the data source swapped, the same protocol
+  except at most `REHEARSAL_MAX_GEN_TOKS` new tokens (random rehearsal models never emit a
+  stop sequence, so every generation would run the full 2048 tokens), and the offline
+  ``code_eval`` fallback for HumanEval(+) / MBPP(+) when the hub cannot be reached.
 - ``local``: the offline suite built from the embedded corpus's test split
   (`moepaper.testbed.tasks`), the suite the embedded model is evaluated on.
 - ``smoke``: the local suite with `SMOKE_LIMIT` items per task, for tests.
+
+Failures
+--------
+Each benchmark is evaluated by its own lm-eval call. A benchmark that fails (a missing
+extra such as math-verify, an unreachable dataset, a metric that raises, a non-finite
+value) becomes a row with status ``"failed"`` and the error's first line in ``note``; the
+others still run. A model whose logits are not finite on a probe input fails every
+benchmark at once, with that reason.
 
 Backends
 --------
@@ -30,16 +45,25 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
+
+log = logging.getLogger(__name__)
 
 # Paper settings [reported: zero-shot, greedy; 2048 new tokens our reading of "max 2048"].
 PAPER_NUM_FEWSHOT = 0
 PAPER_GEN_KWARGS = {"max_gen_toks": 2048, "do_sample": False}
+# The authors' 4096-token context: lm-eval's HFLM truncates prompts to max_length - max_gen_toks.
+PAPER_MODEL_ARGS = {"max_length": 4096}
+# Random rehearsal models never stop: generations run to this many tokens (2048 would take hours on a CPU).
+REHEARSAL_MAX_GEN_TOKS = 32
 SMOKE_LIMIT = 4
 # Items per task of the local suite by default: 30 of ~250 held-out documents per
 # bits-per-byte task (a per-token average, stable on ~8k tokens) and 80 of 240-300 items per
@@ -50,6 +74,8 @@ DEFAULT_BATCH_SIZE = 8
 
 NOT_RUN = "not run"
 OK = "ok"
+FAILED = "failed"
+STATUSES = (OK, NOT_RUN, FAILED)
 
 RESULT_COLUMNS = [
     "benchmark", "label", "task", "metric", "value", "stderr", "higher_is_better", "n", "status", "note", "suite", "domain",
@@ -93,6 +119,10 @@ class Suite:
     gen_kwargs: merged into every generative task's generation settings; None keeps them.
     limit: items per task (None: all; an int; or per benchmark, see `evaluate`), unless
         `evaluate(limit=...)` says otherwise.
+    model_args: passed to lm-eval's model (HFLM), e.g. ``{"max_length": 4096}``; `evaluate`'s
+        own `model_args` override them.
+    offline_code_eval: let HumanEval(+) / MBPP(+) use this repository's ``code_eval`` when the
+        hub cannot be reached (`moepaper.pipeline.standin.offline_code_eval`; the rehearsal).
     """
 
     name: str
@@ -102,6 +132,8 @@ class Suite:
     num_fewshot: int | None = None
     gen_kwargs: dict | None = field(default=None, hash=False, compare=False)
     limit: int | dict | None = field(default=None, hash=False, compare=False)
+    model_args: dict | None = field(default=None, hash=False, compare=False)
+    offline_code_eval: bool = False
 
     def benchmark(self, name: str) -> Benchmark:
         for b in self.benchmarks:
@@ -160,16 +192,32 @@ def _local_benchmarks() -> tuple[tuple[Benchmark, ...], tuple[str, ...]]:
     return tuple(benchmarks), (str(tasks.TASKS_DIR),)
 
 
+SUITES = ("paper", "paper-rehearsal", "local", "smoke")
+
+
+@functools.lru_cache(maxsize=1)
+def _standin_tasks() -> str:
+    """The stand-in task folder, written once per process."""
+    from .standin import standin_task_dir
+
+    return str(standin_task_dir())
+
+
 def get_suite(suite: str | Suite) -> Suite:
-    """A suite by name: ``"paper"``, ``"local"`` or ``"smoke"`` (or a `Suite` itself)."""
+    """A suite by name: ``"paper"``, ``"paper-rehearsal"``, ``"local"`` or ``"smoke"`` (or a `Suite` itself)."""
     if isinstance(suite, Suite):
         return suite
     if suite == "paper":
-        return Suite("paper", PAPER_BENCHMARKS, None, True, PAPER_NUM_FEWSHOT, dict(PAPER_GEN_KWARGS))
+        return Suite("paper", PAPER_BENCHMARKS, None, True, PAPER_NUM_FEWSHOT, dict(PAPER_GEN_KWARGS),
+                     model_args=dict(PAPER_MODEL_ARGS))
+    if suite == "paper-rehearsal":
+        return Suite("paper-rehearsal", PAPER_BENCHMARKS, (_standin_tasks(),), False, PAPER_NUM_FEWSHOT,
+                     {**PAPER_GEN_KWARGS, "max_gen_toks": REHEARSAL_MAX_GEN_TOKS}, model_args=dict(PAPER_MODEL_ARGS),
+                     offline_code_eval=True)
     if suite in ("local", "smoke"):
         benchmarks, include = _local_benchmarks()
         return Suite(suite, benchmarks, include, False, None, None, SMOKE_LIMIT if suite == "smoke" else dict(LOCAL_LIMIT))
-    raise ValueError(f"unknown suite {suite!r}: 'paper', 'local', 'smoke', or a moepaper.evaluation.Suite")
+    raise ValueError(f"unknown suite {suite!r}: one of {', '.join(map(repr, SUITES))}, or a moepaper.pipeline.evaluation.Suite")
 
 
 @functools.lru_cache(maxsize=8)
@@ -254,11 +302,11 @@ def evaluate(
     model: a transformers causal LM in memory (``backend="hf"``; masked or pruned), or a
         checkpoint path (``"hf"`` or ``"vllm"``).
     tokenizer: its tokenizer (object or path).
-    suite: ``"paper"``, ``"local"``, ``"smoke"`` or a `Suite`.
-    limit: items per task: an int, a fraction < 1, or a dict giving an int per benchmark
-        name or per name suffix (``{"ppl": 30, "mc": 80}``; benchmarks not named: all
-        items); ``"all"``: every item; None: the suite's default (``paper``: all, ``local``:
-        `LOCAL_LIMIT`, ``smoke``: `SMOKE_LIMIT`).
+    suite: ``"paper"``, ``"paper-rehearsal"``, ``"local"``, ``"smoke"`` or a `Suite`.
+    limit: items per task: a positive int, a fraction in (0, 1], or a dict giving a positive
+        int per benchmark name or per name suffix (``{"ppl": 30, "mc": 80}``; benchmarks not
+        named: all items); ``"all"``: every item; None: the suite's default (``paper``: all,
+        ``local``: `LOCAL_LIMIT`, ``smoke``: `SMOKE_LIMIT`). A limit of 0 is refused.
     spread: with an int `limit`, evaluate `limit` items evenly spaced through each task
         (lm-eval's ``samples``) rather than lm-eval's first `limit` items, which in a split
         ordered by source cover only its first sources. Groups (MMLU) take the first items.
@@ -268,14 +316,14 @@ def evaluate(
     benchmarks: evaluate only these benchmark names of the suite.
     apply_chat_template: format prompts with the tokenizer's chat template (instruct models).
     seed: lm-eval's python / numpy / torch / few-shot seeds.
+    model_args: lm-eval model arguments, over the suite's (``paper``: ``max_length`` 4096).
     quiet: silence lm-eval's info logging.
 
     Returns a DataFrame with columns benchmark, label, task, metric, value (lm-eval's raw
     value, e.g. accuracy in [0, 1]), stderr, higher_is_better, n (items evaluated), status
-    ("ok" or "not run"), note (why not run / which harness), suite, domain.
+    ("ok", "not run" or "failed"), note (why not run / which harness / the error's first
+    line), suite, domain. A failing benchmark never stops the others (module docstring).
     """
-    import lm_eval
-
     suite = get_suite(suite)
     chosen = list(suite.benchmarks)
     if benchmarks is not None:
@@ -283,6 +331,7 @@ def evaluate(
         if unknown:
             raise ValueError(f"suite {suite.name!r} has no benchmark(s) {sorted(unknown)}")
         chosen = [b for b in chosen if b.name in benchmarks]
+    limit = effective_limit(suite, limit)  # refuses a limit of 0 before any work
     rows: dict[str, dict] = {}
     runnable: list[Benchmark] = []
     for b in chosen:
@@ -293,70 +342,160 @@ def evaluate(
         else:
             runnable.append(b)
     if runnable:
-        limit = effective_limit(suite, limit)
         if allow_code_execution and any(b.code_execution for b in runnable):
             os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # the `evaluate` library's code_eval refuses otherwise
-        lm = _build_lm(model, tokenizer, backend, batch_size, device, model_args)
-        manager = task_manager(suite.include_path, suite.include_defaults)
-        started = time.time()
-        with _quiet(quiet):
-            tasks, samples = [b.task for b in runnable], None
-            if isinstance(limit, dict):
-                limits = {b.task: benchmark_limit(b.name, limit) for b in runnable}
-                tasks, samples = _spread_items(manager, tasks, limits)
-                if samples is None:
-                    raise ValueError("a per-benchmark limit needs leaf tasks (not groups such as mmlu)")
-                limit = None
-            elif spread and isinstance(limit, int) and not isinstance(limit, bool):
-                tasks, samples = _spread_items(manager, tasks, limit)
-                limit = None if samples is not None else limit
-            output = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=tasks,
-                num_fewshot=suite.num_fewshot,
-                batch_size=batch_size,
-                limit=limit,
-                samples=samples,
-                bootstrap_iters=0,
-                log_samples=False,
-                gen_kwargs=dict(suite.gen_kwargs) if suite.gen_kwargs else None,
-                task_manager=manager,
-                apply_chat_template=apply_chat_template,
-                confirm_run_unsafe_code=allow_code_execution,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-            )
-        seconds = time.time() - started
-        results = {**output.get("groups", {}), **output["results"]}
-        for b in runnable:
-            task_result = results[b.task]
-            metric = b.metric or primary_metric(task_result)
-            if metric not in task_result:
-                raise KeyError(f"lm-eval result of {b.task!r} has no {metric!r}; it has {sorted(task_result)}")
-            name = metric.split(",")[0]
-            higher = b.higher_is_better
-            if higher is None:
-                higher = output.get("higher_is_better", {}).get(b.task, {}).get(name)
-            stderr = task_result.get(f"{name}_stderr,{metric.split(',', 1)[1]}")
-            n_samples = output.get("n-samples", {}).get(b.task, {})
-            n = n_samples.get("effective") if n_samples else _group_size(output, b.task)
-            rows[b.name] = _row(
-                b, suite, metric=metric, value=float(task_result[metric]),
-                stderr=float(stderr) if isinstance(stderr, (int, float)) else float("nan"),
-                higher_is_better=bool(higher) if higher is not None else True, n=int(n or 0), status=OK,
-                note=f"{seconds:.1f} s for {len(runnable)} task(s)",
-            )
+        code_eval = nullcontext()
+        if suite.offline_code_eval and any(b.code_execution for b in runnable):
+            from .standin import offline_code_eval
+
+            code_eval = offline_code_eval()
+        try:
+            reason = nonfinite_logits(model, tokenizer)
+            lm = None if reason else _build_lm(model, tokenizer, backend, batch_size, device,
+                                               {**(suite.model_args or {}), **(model_args or {})})
+        except Exception as error:  # e.g. a backend whose package is missing
+            reason = _first_line(error)
+        if reason:
+            for b in runnable:
+                rows[b.name] = _row(b, suite, status=FAILED, note=reason)
+        else:
+            with _quiet(quiet), code_eval, _environment_report_once():
+                manager = task_manager(suite.include_path, suite.include_defaults)
+                for b in runnable:
+                    rows[b.name] = _evaluate_benchmark(
+                        lm, manager, b, suite, limit, spread=spread, batch_size=batch_size, seed=seed,
+                        apply_chat_template=apply_chat_template, allow_code_execution=allow_code_execution,
+                    )
     return pd.DataFrame([rows[b.name] for b in chosen], columns=RESULT_COLUMNS)
 
 
-def effective_limit(suite: Suite, limit):
-    """The item limit `evaluate` applies: the suite's default for None, no limit for "all"."""
-    if limit is None:
-        return suite.limit
-    if limit == "all":
+def _evaluate_benchmark(lm, manager, b: Benchmark, suite: Suite, limit, *, spread: bool, batch_size: int, seed: int,
+                        apply_chat_template: bool, allow_code_execution: bool) -> dict:
+    """One benchmark through lm-eval: an "ok" row, or a "failed" row naming the error."""
+    import lm_eval
+
+    started = time.time()
+    try:
+        wanted = benchmark_limit(b.name, limit) if isinstance(limit, dict) else limit
+        tasks, samples = [b.task], None
+        if spread and isinstance(wanted, int) and not isinstance(wanted, bool):
+            tasks, samples = _spread_items(manager, tasks, wanted)
+            wanted = None if samples is not None else wanted  # a group (MMLU): lm-eval's first items
+        output = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=suite.num_fewshot,
+            batch_size=batch_size,
+            limit=wanted,
+            samples=samples,
+            bootstrap_iters=0,
+            log_samples=False,
+            gen_kwargs=dict(suite.gen_kwargs) if suite.gen_kwargs else None,
+            task_manager=manager,
+            apply_chat_template=apply_chat_template,
+            confirm_run_unsafe_code=allow_code_execution,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+        results = {**output.get("groups", {}), **output["results"]}
+        task_result = results[b.task]
+        metric = b.metric or primary_metric(task_result)
+        if metric not in task_result:
+            raise KeyError(f"lm-eval result of {b.task!r} has no {metric!r}; it has {sorted(task_result)}")
+        value = task_result[metric]
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise FloatingPointError(f"{metric} = {value!r} is not a finite number")
+    except Exception as error:  # isolate the failure: this benchmark only
+        log.warning("benchmark %s failed: %s", b.name, _first_line(error))
+        return _row(b, suite, status=FAILED, note=_first_line(error))
+    name = metric.split(",")[0]
+    higher = b.higher_is_better
+    if higher is None:
+        higher = output.get("higher_is_better", {}).get(b.task, {}).get(name)
+    stderr = task_result.get(f"{name}_stderr,{metric.split(',', 1)[1]}")
+    n_samples = output.get("n-samples", {}).get(b.task, {})
+    n = n_samples.get("effective") if n_samples else _group_size(output, b.task)
+    return _row(
+        b, suite, metric=metric, value=float(value),
+        stderr=float(stderr) if isinstance(stderr, (int, float)) else float("nan"),
+        higher_is_better=bool(higher) if higher is not None else True, n=int(n or 0), status=OK,
+        note=f"{time.time() - started:.1f} s",
+    )
+
+
+_ENVIRONMENT_REPORT: dict = {}
+
+
+@contextmanager
+def _environment_report_once():
+    """lm-eval adds an environment report to every result by running `pip list` and the like
+    (torch's collect_env, about 0.6 s a call); with one call per benchmark that dominated small
+    runs. Within this context the report is made once per process and copied (we do not use it)."""
+    import lm_eval.evaluator
+
+    original = lm_eval.evaluator.add_env_info
+
+    def add_env_info_once(storage: dict):
+        if not _ENVIRONMENT_REPORT:
+            original(_ENVIRONMENT_REPORT)
+        storage.update(_ENVIRONMENT_REPORT)
+
+    lm_eval.evaluator.add_env_info = add_env_info_once
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.add_env_info = original
+
+
+def _first_line(error: BaseException) -> str:
+    """``"KeyError: first line of the message"``: what a failed result records."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1 + 1 = 2"
+
+
+def nonfinite_logits(model, tokenizer) -> str | None:
+    """Why a model in memory cannot be evaluated: its logits on a short probe text are NaN or Inf
+    (e.g. a broken LM head), which lm-eval would turn into finite but meaningless scores. None if fine
+    (and for checkpoint paths, which are not loaded here)."""
+    if not isinstance(model, torch.nn.Module) or tokenizer is None or isinstance(tokenizer, (str, Path)):
         return None
+    device = next(model.parameters()).device
+    ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"][:, :32].to(device)  # (1, T)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits  # (1, T, V)
+    bad = int((~torch.isfinite(logits)).sum())
+    if bad:
+        return f"FloatingPointError: the model's logits are not finite ({bad} of {logits.numel()} NaN/Inf on a probe text)"
+    return None
+
+
+def effective_limit(suite: Suite, limit):
+    """The item limit `evaluate` applies: the suite's default for None, no limit for "all".
+
+    Raises ValueError for a limit that would evaluate nothing (0, a negative number, a
+    fraction outside (0, 1], or such a value in a per-benchmark dict): lm-eval reads a
+    limit of 0 as "no limit" and would evaluate every item.
+    """
+    if limit is None:
+        limit = suite.limit
+    elif limit == "all":
+        return None
+    values = limit.items() if isinstance(limit, dict) else [("limit", limit)]
+    for key, value in values:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"limit {key}={value!r}: a positive item count, a fraction in (0, 1], 'all' or None")
+        if value <= 0 or (isinstance(value, float) and not value.is_integer() and value > 1):
+            raise ValueError(
+                f"limit {key}={value!r} would evaluate nothing: give a positive item count or a fraction in (0, 1] "
+                f"(None or 'all' for every item)"
+            )
     return limit
 
 
@@ -430,5 +569,5 @@ def paper_task_names() -> list[str]:
 
 __all__ = [
     "Benchmark", "Suite", "PAPER_BENCHMARKS", "get_suite", "evaluate", "primary_metric", "paper_task_names",
-    "task_manager", "NOT_RUN", "OK",
+    "task_manager", "nonfinite_logits", "NOT_RUN", "OK", "FAILED",
 ]

@@ -8,6 +8,12 @@ A spec is one of
   notebooks' CI parameter set: seconds, nothing downloaded, numbers meaningless.
 - a key of `PAPER_MODELS` (``"olmoe"``, ``"deepseek_v2_lite"``, ``"ernie"``, ``"qwen3"``): the
   paper's checkpoint of that model.
+- ``"rehearsal:<key>"``: that paper model at rehearsal size (`moepaper.pipeline.paper_models.
+  rehearsal_model`: the real class and routing structure, toy width, random weights) with
+  `rehearsal_tokenizer`: the tiny character tokenizer (101 ids, within the 512-token
+  rehearsal vocabulary) plus a chat template (`REHEARSAL_CHAT_TEMPLATE`), so chat-formatted
+  calibration sources take the chat path as with the real instruct checkpoints. For
+  rehearsing the paper route offline (``python -m moepaper.reproduce --config paper --rehearsal``).
 - anything else: a Hugging Face hub id or a local path, loaded with ``AutoModelForCausalLM``
   and ``AutoTokenizer``. Offline (``HF_HUB_OFFLINE=1``) a hub id that is not in the local
   cache raises `ModelNotAvailable` at once, naming the command that downloads it.
@@ -20,16 +26,15 @@ from pathlib import Path
 
 import torch
 
-# The paper's four models (HF ids from the authors' earlier code; see ../shared/PAPER.md).
-PAPER_MODELS: dict[str, str] = {
-    "olmoe": "allenai/OLMoE-1B-7B-0125-Instruct",
-    "deepseek_v2_lite": "deepseek-ai/DeepSeek-V2-Lite-Chat",
-    "ernie": "baidu/ERNIE-4.5-21B-A3B-PT",
-    "qwen3": "Qwen/Qwen3-30B-A3B-Instruct-2507",
-}
+from .paper_models import PAPER_MODELS, REHEARSAL_PREFIX  # the paper's four models: key -> HF id
 
 EMBEDDED = "embedded"
 TINY_PREFIX = "tiny:"
+# A generic turn format (role tag, content, end-of-sequence) for the rehearsal tokenizer.
+REHEARSAL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 class ModelNotAvailable(OSError):
@@ -73,6 +78,23 @@ def _load_tiny(family: str, dtype, device_map):
     return _place(model, device_map), tiny_tokenizer(model.config.vocab_size)
 
 
+def rehearsal_tokenizer(vocab_size: int):
+    """The tiny character tokenizer with `REHEARSAL_CHAT_TEMPLATE` (ids must fit `vocab_size`)."""
+    from ..testbed.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(vocab_size)
+    tokenizer.chat_template = REHEARSAL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _load_rehearsal(spec: str, dtype, device_map):
+    from .paper_models import model_from_spec
+
+    model = model_from_spec(spec, dtype=dtype or torch.float32)
+    model.config._name_or_path = spec  # names the model in statistics metadata
+    return _place(model, device_map), rehearsal_tokenizer(model.config.vocab_size)
+
+
 def _load_embedded(dtype, device_map):
     from ..testbed.embedded import load_embedded_model
 
@@ -107,7 +129,7 @@ def resolve_model_name(spec: str) -> str:
 def load_model(spec: str, *, dtype=None, device_map=None):
     """Return ``(model, tokenizer)`` for a model spec (see the module docstring), model in eval mode.
 
-    dtype: a torch dtype or its name; None means float32 for tiny and embedded models and the
+    dtype: a torch dtype or its name; None means float32 for tiny, rehearsal and embedded models and the
         checkpoint's own dtype (``"auto"``) for hub models.
     device_map: passed to ``from_pretrained`` for hub models (``"auto"`` spreads a model over the
         GPUs with accelerate); tiny and embedded models take one device (``"cpu"``, ``"cuda"``,
@@ -119,6 +141,8 @@ def load_model(spec: str, *, dtype=None, device_map=None):
         return _load_embedded(dtype, device_map)
     if spec.startswith(TINY_PREFIX):
         return _load_tiny(spec[len(TINY_PREFIX):], dtype, device_map)
+    if spec.startswith(REHEARSAL_PREFIX):
+        return _load_rehearsal(spec, dtype, device_map)
     name = resolve_model_name(spec)
     _check_available(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer

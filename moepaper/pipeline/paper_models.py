@@ -56,7 +56,7 @@ META_PREFIX = "meta:"
 
 # --- the paper's protocol (PAPER.md "Setup" and "The authors' evaluation stack") -------------------
 # Calibration [our choice, the paper's sizes unknown]: packed sequences, 1024 x 2048 tokens per
-# source, as the authors' earlier code used up to 1024 x 2048-4096. Sources: moepaper.calibration.SOURCES.
+# source, as the authors' earlier code used up to 1024 x 2048-4096. Sources: moepaper.pipeline.calibration.SOURCES.
 CALIBRATION_SOURCES: dict[str, str] = {
     "c4": "allenai/c4 (en), task-agnostic",
     "code": "theblackcat102/evol-codealpaca-v1, task-specific",

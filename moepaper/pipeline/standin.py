@@ -19,7 +19,7 @@ swapped.
   names are the paper suite's (``arc_easy``, ``mmlu``, ``minerva_math500``, ...).
 - `standin_task_manager()`: ``TaskManager(include_path=<that folder>, include_defaults=False)``.
 - `calibration_standin(key)`: the stand-in records of calibration source ``"c4"``,
-  ``"code"`` or ``"math"`` (`moepaper.calibration.SOURCES`), in the hub schema.
+  ``"code"`` or ``"math"`` (`moepaper.pipeline.calibration.SOURCES`), in the hub schema.
 - `offline_code_eval()`: HumanEval(+) and MBPP(+) score with Hugging Face ``evaluate``'s
   ``code_eval`` metric, which ``evaluate.load("code_eval")`` fetches from the hub when
   lm-eval imports the tasks' ``utils.py``; offline, with no cached copy, the tasks cannot
@@ -169,7 +169,7 @@ def calibration_standin(key: str) -> list[dict]:
     c4: {"text", "timestamp", "url"} (allenai/c4 en); code: {"instruction", "output"}
     (theblackcat102/evol-codealpaca-v1); math: {"id", "prompt", "messages": [{"role",
     "content"}, ...]} (allenai/tulu-3-sft-personas-math). Format them with
-    `moepaper.calibration.format_record`, which applies the tokenizer's chat template to
+    `moepaper.pipeline.calibration.format_record`, which applies the tokenizer's chat template to
     code and math as for the real sources.
     """
     if key not in CALIBRATION_KEYS:

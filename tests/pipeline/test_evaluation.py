@@ -164,6 +164,101 @@ def test_smoke_suite_on_tiny_model_writes_results(tiny, tokenizer, tiny_stats, t
     assert all(r["status"] == "ok" and r["n"] <= suite.limit for r in records)
 
 
+# ---------------------------------------------------------------- failures (issue 14; issue 11 case 8)
+
+
+def test_a_failing_benchmark_is_recorded_and_the_others_run(tiny, tokenizer, task_suite):
+    """A task lm-eval cannot load and a metric the task lacks fail alone, with the error's first line."""
+    broken = Suite("broken", task_suite.benchmarks + (
+        Benchmark("missing", "Missing", "no_such_task"),
+        Benchmark("bad_metric", "Bad", "t_mc", "no_such_metric,none"),
+    ), include_path=task_suite.include_path, include_defaults=False, limit=2)
+    frame = evaluate(tiny, tokenizer, broken).set_index("benchmark")
+    assert list(frame["status"]) == ["ok", "ok", "ok", "failed", "failed"]
+    assert "no_such_task" in frame.loc["missing", "note"]
+    assert frame.loc["bad_metric", "note"].startswith("KeyError") and "no_such_metric" in frame.loc["bad_metric", "note"]
+    assert "\n" not in frame.loc["bad_metric", "note"]
+
+
+def test_a_missing_extra_fails_its_benchmark_only(tiny, tokenizer, monkeypatch):
+    """MATH-500 without math-verify (`pip install -e ".[paper]"`) is a failed row naming the extra; GSM8K still runs."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # as if lm-eval[math] were not installed
+    frame = evaluate(tiny, tokenizer, "paper-rehearsal", benchmarks=["gsm8k", "math500"]).set_index("benchmark")
+    assert frame.loc["gsm8k", "status"] == "ok"
+    assert frame.loc["math500", "status"] == "failed" and "math_verify" in frame.loc["math500", "note"]
+
+
+def test_the_sweep_records_failures_goes_on_and_retries_them(tiny, tokenizer, task_suite, tiny_stats, tmp_path):
+    broken = Suite("broken", task_suite.benchmarks + (Benchmark("missing", "Missing", "no_such_task"),),
+                   include_path=task_suite.include_path, include_defaults=False, limit=2)
+    kwargs = dict(criteria=["man"], ratios=[0.5], suite=broken, out_dir=tmp_path, model_name="tiny", progress=False)
+    paths = sweep(tiny, tokenizer, tiny_stats, **kwargs)
+    records = [read_result(p) for p in paths]
+    assert len(records) == 8 and all(r is not None for r in records)
+    assert sorted((r["benchmark"], r["status"]) for r in records if r["status"] != "ok") == [("missing", "failed")] * 2
+    failed = read_result(result_path(tmp_path, "tiny", "random", "man", 0.5, "missing"))
+    assert "no_such_task" in failed["note"] and failed["kept"] is not None
+    from moepaper.pipeline.tables import load_results
+
+    table = load_results(tmp_path)
+    assert (table[table["benchmark"] == "missing"]["status"] == "failed").all()
+    stamps = {p: p.stat().st_mtime_ns for p in paths}
+    sweep(tiny, tokenizer, tiny_stats, **kwargs)  # a rerun retries the failures only
+    assert [p.name for p in paths if p.stat().st_mtime_ns != stamps[p]] == ["missing.json"] * 2
+
+
+def test_a_model_with_nan_logits_is_failed_not_ok(tokenizer, task_suite):
+    """Issue 11 case 8: an LM head yielding NaN was recorded as "ok" (lm-eval's argmax turns NaN into a score)."""
+    model = tiny_model("qwen3_moe", max_position_embeddings=1024)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    frame = evaluate(model, tokenizer, task_suite)
+    assert (frame["status"] == "failed").all(), frame[["benchmark", "status", "value"]]
+    assert all("not finite" in note for note in frame["note"])
+
+
+def test_a_non_finite_metric_value_is_failed(tiny, tokenizer, task_suite, monkeypatch):
+    """Issue 11 case 8: a NaN value from lm-eval is a failed result naming the metric, never "ok"."""
+    import lm_eval
+
+    real = lm_eval.simple_evaluate
+
+    def nan_bits(*args, **kwargs):
+        output = real(*args, **kwargs)
+        for result in output["results"].values():
+            if "bits_per_byte,none" in result:
+                result["bits_per_byte,none"] = float("nan")
+        return output
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", nan_bits)
+    frame = evaluate(tiny, tokenizer, task_suite).set_index("benchmark")
+    assert frame.loc["t_ppl", "status"] == "failed" and "bits_per_byte" in frame.loc["t_ppl", "note"]
+    assert frame.loc["t_mc", "status"] == "ok"
+
+
+@pytest.mark.parametrize("limit", [0, {"ppl": 0, "mc": 0}, {"t_mc": 2, "t_ppl": 0}, -1, 0.0])
+def test_a_limit_of_zero_is_refused(tiny, tokenizer, task_suite, tiny_stats, tmp_path, limit):
+    """Issue 11 case 8: `--limit ppl=0,mc=0` evaluated every item (lm-eval reads 0 as no limit)."""
+    with pytest.raises(ValueError, match="would evaluate nothing"):
+        evaluate(tiny, tokenizer, task_suite, limit=limit)
+    with pytest.raises(ValueError, match="would evaluate nothing"):
+        sweep(tiny, tokenizer, tiny_stats, criteria=["man"], ratios=[0.5], suite=task_suite, out_dir=tmp_path,
+              model_name="tiny", progress=False, limit=limit)
+    assert not list(tmp_path.rglob("*.json"))  # refused before any work
+
+
+def test_paper_suites_carry_the_protocol():
+    paper, rehearsal = get_suite("paper"), get_suite("paper-rehearsal")
+    for suite in (paper, rehearsal):
+        assert suite.model_args == {"max_length": 4096} and suite.num_fewshot == 0
+        assert suite.gen_kwargs["do_sample"] is False and suite.benchmarks == PAPER_BENCHMARKS
+    assert paper.gen_kwargs["max_gen_toks"] == 2048 and not paper.offline_code_eval
+    assert rehearsal.gen_kwargs["max_gen_toks"] < 2048 and rehearsal.offline_code_eval
+    assert rehearsal.include_defaults is False and len(rehearsal.include_path) == 1
+
+
 # ---------------------------------------------------------------- the sweep
 
 

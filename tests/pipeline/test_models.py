@@ -103,3 +103,19 @@ def test_embedded_spec():
     assert model.config.model_type == "qwen3_moe"
     assert next(model.parameters()).dtype == torch.float32
     assert len(tokenizer) <= model.config.vocab_size
+
+
+@pytest.mark.parametrize("key", ["olmoe", "deepseek_v2_lite", "ernie", "qwen3"])
+def test_rehearsal_spec_gives_the_paper_class_and_a_chat_tokenizer(key):
+    from moepaper.pipeline.paper_models import paper_config
+
+    model, tokenizer = load_model(f"rehearsal:{key}")
+    assert model.config.model_type == paper_config(key).model_type
+    assert model.config._name_or_path == f"rehearsal:{key}" and not model.training
+    ids = tokenizer("def f(x):\n    return x + 1", return_tensors="pt")["input_ids"]
+    assert int(ids.max()) < model.config.vocab_size
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+                                         tokenize=False)
+    assert chat == "<|user|>\n2+2?</s>\n<|assistant|>\n4</s>\n"

@@ -278,9 +278,9 @@ def test_rehearsal_statistics_and_pruning(key):
     assert stats.count.sum(dim=1).tolist() == [real_tokens * layer.top_k for layer in layers]
     scores = expert_scores(stats, "man")
     experts, top_k = layers[0].num_experts, layers[0].top_k
-    keep = select_experts(scores, ratio=0.25, model=model, statistics=stats)
+    keep = select_experts(scores, ratio=0.25)
     assert [len(k) for k in keep] == [experts - round(0.25 * experts)] * len(layers)
-    prune_experts(model, keep, statistics=stats)
+    prune_experts(model, keep)
     pruned = find_moe_layers(model)
     assert [layer.num_experts for layer in pruned] == [experts * 3 // 4] * len(layers)
     assert [layer.top_k for layer in pruned] == [top_k] * len(layers)

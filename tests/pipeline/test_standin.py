@@ -194,10 +194,9 @@ def test_every_split_read_exists_and_mmlu_covers_57_subjects():
             assert standin.standin_docs(task, split), (task, split)
 
 
-def test_calibration_standins_pack_through_the_real_calibration_code(monkeypatch):
-    from moepaper import calibration
+def test_calibration_standins_pack_through_the_real_calibration_code():
+    from moepaper.pipeline import calibration
 
-    monkeypatch.setattr(calibration, "_hub_documents", lambda key, seed: iter(standin.calibration_standin(key)))
     assert set(standin.calibration_standin("c4")[0]) == {"text", "timestamp", "url"}
     assert set(standin.calibration_standin("code")[0]) == {"instruction", "output"}
     math_record = standin.calibration_standin("math")[0]
@@ -206,10 +205,15 @@ def test_calibration_standins_pack_through_the_real_calibration_code(monkeypatch
     template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
     for key in standin.CALIBRATION_KEYS:
         for tok in (char_tokenizer(), char_tokenizer(template)):
-            sequences = calibration.calibration_sequences(key, tok, n_sequences=8, seq_len=64)
+            sequences = calibration.calibration_sequences(f"standin:{key}", tok, n_sequences=8, seq_len=64)
             assert sequences.shape == (8, 64)
     text = calibration.format_record(math_record, calibration.SOURCES["math"], char_tokenizer(template))
     assert text.startswith("<|user|>\n") and "<|assistant|>" in text
+    # the stand-in source goes through the real formatting: chat records get the template
+    texts = list(calibration.calibration_texts("standin:math", char_tokenizer(template)))
+    assert len(texts) == len(standin.calibration_standin("math")) and all(t.startswith("<|user|>") for t in texts)
+    assert "stand-in" in calibration.calibration_description("standin:c4", n_sequences=1, seq_len=8, seed=0)
+    assert "standin:code" in calibration.available_sources()
 
 
 # ---------------------------------------------------------------- lm-eval end to end
