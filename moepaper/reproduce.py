@@ -188,14 +188,22 @@ def run_notebook(notebook: str, output: Path, parameters: dict, *, root: Path, f
     marker.unlink(missing_ok=True)
     started = time.time()
     print(f"  > {notebook} -> {output.relative_to(root)}", flush=True)
-    papermill.execute_notebook(
-        str(root / NOTEBOOKS / notebook),
-        str(output),
-        parameters=parameters,
-        kernel_name=ensure_kernel(),
-        cwd=str(root),
-        progress_bar=False,
-    )
+    previous = os.environ.get("MOEPAPER_ROOT")
+    os.environ["MOEPAPER_ROOT"] = str(root)  # the kernel reads and writes this checkout, whatever the environment said
+    try:
+        papermill.execute_notebook(
+            str(root / NOTEBOOKS / notebook),
+            str(output),
+            parameters=parameters,
+            kernel_name=ensure_kernel(),
+            cwd=str(root),
+            progress_bar=False,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("MOEPAPER_ROOT", None)
+        else:
+            os.environ["MOEPAPER_ROOT"] = previous
     marker.write_text(fingerprint + "\n")
     print(f"    {time.time() - started:.0f} s", flush=True)
     return True

@@ -266,7 +266,7 @@ def sweep(
     criteria: ``"named"`` (default: the paper's named criteria + MoNE), ``"grid"`` (every
         (b, alpha, beta) + MoNE), or a list (names, `Criterion`s, points, "mone").
     ratios: fractions of experts removed in every MoE layer (`select_experts`, scope "layer").
-    suite: evaluation suite (`moepaper.evaluation.get_suite`).
+    suite: evaluation suite (`moepaper.pipeline.evaluation.get_suite`).
     setting: ``"task-agnostic"`` or ``"task-specific"``, stored with every result.
     model_name: name of the model in paths and tables (default: `config._name_or_path`'s last part).
     model_id: what identifies the weights, stored with every result (default:

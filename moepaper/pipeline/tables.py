@@ -179,8 +179,9 @@ def results_table(
     table[AVERAGE] = table[averaged].mean(axis=1, skipna=False) if averaged else np.nan
     table.index.name = "criterion"
     table.columns.name = None
+    statuses = both.pivot_table(index="criterion", columns="benchmark", values="status", aggfunc="first")
     table.attrs.update(model=model or both["model"].iloc[0], calibration=calibration, ratio=ratio,
-                       info=info, averaged=averaged)
+                       info=info, averaged=averaged, statuses=statuses)  # statuses: each cell's ("ok", "failed", "not run")
     return table
 
 
@@ -357,8 +358,11 @@ def format_table(table: pd.DataFrame, *, digits: int = 1, other_digits: int = 3,
                 text = f"{value:.{places}f}"
                 out.loc[index, column] = f"{bold}{text}{bold_end}" if index in best and len(best) < len(pruned) else text
             elif value is None or (not isinstance(value, str) and pd.isna(value)):
-                status = info.loc[column, "status"] if info is not None and column in info.index else ""
-                out.loc[index, column] = "not run" if status and status != "ok" else "–"
+                cells = table.attrs.get("statuses")
+                status = cells.loc[index, column] if cells is not None and index in cells.index and column in cells.columns else None
+                if not isinstance(status, str):  # no record of this cell: what its benchmark did elsewhere
+                    status = info.loc[column, "status"] if info is not None and column in info.index else ""
+                out.loc[index, column] = status if status and status != "ok" else "–"
             else:
                 out.loc[index, column] = display_name(str(value)) if names else str(value)
     if isinstance(out.columns, pd.MultiIndex):  # summary columns: short names, "all" benchmarks implied

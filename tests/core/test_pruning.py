@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
+
 
 import pytest
 import torch

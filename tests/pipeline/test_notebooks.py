@@ -65,3 +65,24 @@ def test_tiny_configuration_executes_every_notebook_and_resumes():
     again = subprocess.run(cmd[:-1], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("(done)") == len(reproduce.plan(reproduce.CONFIGS["tiny"], REPO))
+
+
+def test_notebooks_run_in_the_given_root_whatever_the_environment_says(tmp_path, monkeypatch):
+    """The kernel sees the run's project root (MOEPAPER_ROOT) and cwd; the environment is restored after."""
+    import papermill
+
+    root = tmp_path / "clone"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "notebooks" / "x.ipynb").write_text("{}")
+    seen = {}
+
+    def execute(path, output, *, cwd, **kwargs):
+        seen.update(root=os.environ.get("MOEPAPER_ROOT"), cwd=cwd, path=path)
+        Path(output).write_text("{}")
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    monkeypatch.setattr(reproduce, "ensure_kernel", lambda: "moepaper")
+    monkeypatch.setenv("MOEPAPER_ROOT", str(tmp_path / "other-clone"))
+    assert reproduce.run_notebook("x.ipynb", root / "runs" / "x.ipynb", {}, root=root)
+    assert seen == {"root": str(root), "cwd": str(root), "path": str(root / "notebooks" / "x.ipynb")}
+    assert os.environ["MOEPAPER_ROOT"] == str(tmp_path / "other-clone")

@@ -108,6 +108,17 @@ def test_gap_to_strongest_baseline(results):
     assert gap.loc["man", "gap"] == pytest.approx(-10.0) and gap.loc["msan", "gap"] == pytest.approx(0.0)
 
 
+def test_a_failed_result_shows_as_failed_in_its_cell(results):
+    df = results.copy()
+    cell = (df["criterion"] == "reap") & (df["benchmark"] == "b1")
+    df.loc[cell, ["status", "value", "score"]] = ["failed", float("nan"), float("nan")]
+    md = to_markdown(results_table(df, calibration="c", ratio=0.5))
+    reap = next(line for line in md.splitlines() if line.startswith("| REAP"))
+    assert reap.split("|")[2].strip() == "failed"  # its own status, not "not run" or "–"
+    b4 = next(line for line in md.splitlines() if line.startswith("| MAN")).split("|")[5].strip()
+    assert b4 == "not run"
+
+
 def test_markdown_and_latex(results):
     table = results_table(results, calibration="c", ratio=0.5)
     md = to_markdown(table)
