@@ -198,7 +198,7 @@ def test_the_sweep_records_failures_goes_on_and_retries_them(tiny, tokenizer, ta
     records = [read_result(p) for p in paths]
     assert len(records) == 8 and all(r is not None for r in records)
     assert sorted((r["benchmark"], r["status"]) for r in records if r["status"] != "ok") == [("missing", "failed")] * 2
-    failed = read_result(result_path(tmp_path, "tiny", "random", "man", 0.5, "missing"))
+    failed = read_result(result_path(tmp_path, "tiny", "random", "man", 4, "missing"))
     assert "no_such_task" in failed["note"] and failed["kept"] is not None
     from moepaper.pipeline.tables import load_results
 

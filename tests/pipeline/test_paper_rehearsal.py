@@ -43,7 +43,8 @@ def rehearsal(tmp_path_factory):
 
 @pytest.mark.slow
 def test_rehearsal_leaves_every_result(rehearsal):
-    records = [json.loads(p.read_text()) for p in sorted((rehearsal / "results").rglob("*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted((rehearsal / "results").rglob("*/*/*/*.json"))]  # not the settings records
+    assert len(list((rehearsal / "results").glob("*/evaluation_settings.json"))) == len(PAPER_MODELS)
     per_model = len(PAPER_BENCHMARKS) * (1 + len(CALIBRATIONS) * len(CRITERIA))  # the unpruned model once per model
     assert len(records) == len(PAPER_MODELS) * per_model
     cells = Counter((r["model"], r["calibration"], r["criterion"]) for r in records)
