@@ -263,12 +263,11 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     if cached is not None and _still_valid(model, *cached):
         return list(cached[0])
     found = _search(model)
-    model.__dict__[_CACHE] = (found, _signature(model, found))
+    model.__dict__[_CACHE] = (found, _signature(_decoder_layers(model) or [], found))
     return list(found)
 
 
-def _signature(model: nn.Module, layers: list[MoELayer]) -> tuple:
-    decoder = _decoder_layers(model) or []
+def _signature(decoder: list[nn.Module], layers: list[MoELayer]) -> tuple:
     if any(l.layer_index >= len(decoder) for l in layers):
         return ()
     return (len(decoder),) + tuple((id(decoder[l.layer_index]), id(l.block), id(l.experts), id(l.router)) for l in layers)
@@ -276,9 +275,9 @@ def _signature(model: nn.Module, layers: list[MoELayer]) -> tuple:
 
 def _still_valid(model: nn.Module, layers: list[MoELayer], signature: tuple) -> bool:
     """The same modules in the same places, each block still inside its decoder layer, counts agreeing."""
-    if _signature(model, layers) != signature:
+    decoder = _decoder_layers(model) or []
+    if _signature(decoder, layers) != signature:
         return False
-    decoder = _decoder_layers(model)
     return all(
         any(child is layer.block for child in decoder[layer.layer_index].children())
         and int(layer.experts.num_experts) == layer.num_experts

@@ -302,10 +302,11 @@ def transfer_table(domain_stats: Mapping[str, ExpertStatistics], *, ratio: float
         if domain_stats[name].layers != first.layers or domain_stats[name].num_experts != first.num_experts:
             raise ValueError(f"statistics {names[0]!r} and {name!r} cover different layers or expert counts")
     E = min(first.num_experts)
+    factors = {name: transfer_factors(stats) for name, stats in domain_stats.items()}
     rows, per_layer = [], []
     for i, domain_a in enumerate(names):
         for domain_b in names[i + 1:]:
-            fa, fb = transfer_factors(domain_stats[domain_a]), transfer_factors(domain_stats[domain_b])
+            fa, fb = factors[domain_a], factors[domain_b]
             pair = f"{domain_a.split(':')[-1]} vs {domain_b.split(':')[-1]}"
             for quantity in fa:
                 a, b = fa[quantity][:, :E].numpy(), fb[quantity][:, :E].numpy()  # (L, E)

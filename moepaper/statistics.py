@@ -92,6 +92,7 @@ class ExpertStatistics:
     metadata: dict = field(default_factory=dict)
     num_groups: list[int] | None = None  # router groups per layer (group-limited routing); None: 1 each
     topk_group: list[int] | None = None  # groups a token may use per layer; None: 1 each
+    _checksum: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (tensor versions, sha256)
 
     def __post_init__(self):
         self.num_groups = [1] * len(self.layers) if self.num_groups is None else [int(g) for g in self.num_groups]
@@ -109,8 +110,15 @@ class ExpertStatistics:
 
     @property
     def checksum(self) -> str:
-        """sha256 of the tensors: what identifies these statistics in scores, selections and results."""
-        return tensors_sha256({"moments": self.moments, "output_sum": self.output_sum, "tokens": self.tokens})
+        """sha256 of the tensors: what identifies these statistics in scores, selections and results.
+
+        Computed once and kept while the same tensors are unchanged (every `expert_scores` call
+        records it, and `output_sum` is [L, E, H] float64: about 100 MB for Qwen3-30B-A3B)."""
+        tensors = {"moments": self.moments, "output_sum": self.output_sum, "tokens": self.tokens}
+        versions = tuple((id(t), t._version) for t in tensors.values())
+        if self._checksum is None or self._checksum[0] != versions:
+            self._checksum = (versions, tensors_sha256(tensors))
+        return self._checksum[1]
 
     def identity(self) -> dict:
         """A short record of these statistics for provenance (model, calibration, gate, tokens, checksum)."""

@@ -14,7 +14,7 @@ def module_name(path: Path, package_dir: Path = PACKAGE) -> str:
 
 def imports_of(path: Path, modules: set[str], package_dir: Path = PACKAGE) -> set[str]:
     """moepaper modules `path` imports (anywhere in the file, relative imports resolved);
-    ``from pkg import submodule`` counts as importing the submodule, not the package."""
+    ``from pkg import submodule`` counts as importing both the package and the submodule."""
     name = module_name(path, package_dir)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
@@ -27,7 +27,7 @@ def imports_of(path: Path, modules: set[str], package_dir: Path = PACKAGE) -> se
             else:
                 target = node.module or ""
             submodules = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in modules]
-            candidates = submodules if len(submodules) == len(node.names) else [target] + submodules
+            candidates = [target] + submodules  # `from pkg import mod` runs pkg/__init__ too
         elif isinstance(node, ast.Import):
             candidates = [a.name for a in node.names]
         else:
@@ -43,14 +43,14 @@ def graph(package_dir: Path = PACKAGE) -> dict[str, set[str]]:
 
 
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
-    """An import cycle, ignoring edges to a module's own parent packages (Python initialises those first)."""
+    """An import cycle; ``from . import x`` inside a package counts as importing the package's
+    ``__init__`` when `x` is not a module, and a package whose ``__init__`` imports its modules
+    back makes a cycle."""
     state: dict[str, int] = {}
 
     def visit(node, stack):
         state[node] = 1
         for nxt in sorted(edges[node]):
-            if node.startswith(nxt + "."):
-                continue
             if state.get(nxt) == 1:
                 return stack[stack.index(nxt):] + [nxt]
             if nxt not in state:
@@ -100,3 +100,11 @@ def test_the_checker_sees_a_cycle(tmp_path):
     edges = graph(fake)
     assert find_cycle(edges) == ["moepaper.a", "moepaper.b", "moepaper.a"]
     assert "moepaper" in edges["moepaper.c"]
+    # a package whose __init__ imports a module that does `from . import sibling`: a cycle through the package
+    sub = fake / "sub"
+    sub.mkdir()
+    (sub / "__init__.py").write_text("from .r import f\n")
+    (sub / "r.py").write_text("from . import e\n")
+    (sub / "e.py").write_text("")
+    assert find_cycle({k: v for k, v in graph(fake).items() if k.startswith("moepaper.sub")}) == [
+        "moepaper.sub", "moepaper.sub.r", "moepaper.sub"]

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..criteria import MONE, NAMED_CRITERIA, criterion_grid
+from .evaluation import get_suite
 from .results import SETTINGS_FILE, UNPRUNED, slug
 
 NEW_CRITERIA = ("man", "msan")
@@ -187,13 +188,11 @@ def results_table(
 
 def suite_order(df: pd.DataFrame) -> list[str]:
     """The benchmarks of `df` in their suite's order (paper or local), others after them by name."""
-    from . import evaluation
-
     names = sorted(df["benchmark"].unique())
     order: list[str] = []
     for suite in dict.fromkeys(df["suite"].dropna()) if "suite" in df else ():
         try:
-            order += [b.name for b in evaluation.get_suite(suite).benchmarks if b.name in names and b.name not in order]
+            order += [b.name for b in get_suite(suite).benchmarks if b.name in names and b.name not in order]
         except (ValueError, RuntimeError):  # a custom suite: no known order
             continue
     return order + [n for n in names if n not in order]
