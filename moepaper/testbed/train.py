@@ -43,10 +43,15 @@ class TrainConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 64
-    num_experts: int = 16
-    top_k: int = 2
-    moe_intermediate_size: int = 128
+    num_experts: int = 64  # fine-grained like OLMoE: 64 experts, top-8, narrow experts
+    top_k: int = 8
+    moe_intermediate_size: int = 32
     router_aux_loss_coef: float = 0.01
+    # "per_layer": each layer's own Switch-style loss, averaged over layers (what OLMoE,
+    # Qwen-MoE and DeepSeek train with); "pooled": transformers' built-in aux_loss, which
+    # pools the router counts of all layers (the `embedded-pooled` ablation was trained so)
+    balance: str = "per_layer"
+    router_z_loss_coef: float = 0.001
     seq_len: int = 512
     # optimisation
     batch_size: int = 8
@@ -56,8 +61,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # stopping
-    budget_minutes: float = 25.0
-    max_steps: int = 100_000
+    budget_minutes: float = 52.0  # of optimisation steps; validation and export add about 5
+    max_steps: int = 2100
     eval_every: int = 100
     eval_windows: int = 16  # validation windows of seq_len tokens per domain
     patience: int = 4  # evaluations without improvement before stopping
@@ -276,8 +281,38 @@ def specialisation_summary(counts: dict[str, list[list[int]]]) -> dict:
 # ---------------------------------------------------------------- training
 
 
+def per_layer_balance_loss(router_logits, top_k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-style load-balancing loss computed inside each layer, averaged over layers.
+
+    For one layer with E experts, over its routed tokens t: f_e = share of the top-k
+    assignments that go to expert e, P_e = mean router probability of e; the loss is
+    E * sum_e f_e * P_e, which is 1 for perfectly balanced routing. transformers'
+    `load_balancing_loss_func` concatenates the logits of all layers first, so it balances
+    the pooled counts and lets one layer starve an expert another layer over-uses.
+    router_logits: one (tokens, E) tensor per MoE layer; mask: (tokens,) bool of real tokens.
+    """
+    losses = []
+    for logits in router_logits:
+        if mask is not None:
+            logits = logits[mask]
+        probs = torch.softmax(logits.float(), dim=-1)  # (T, E)
+        num_experts = probs.shape[-1]
+        chosen = probs.topk(top_k, dim=-1).indices  # (T, k)
+        share = torch.zeros(num_experts, device=probs.device).scatter_add_(
+            0, chosen.flatten(), torch.ones(chosen.numel(), device=probs.device)
+        ) / chosen.numel()  # (E,), sums to 1
+        losses.append(num_experts * (share * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
+
+
+def router_z_loss(router_logits) -> torch.Tensor:
+    """Mean squared log-sum-exp of the router logits (ST-MoE), averaged over layers."""
+    return torch.stack([torch.logsumexp(l.float(), dim=-1).pow(2).mean() for l in router_logits]).mean()
+
+
 def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Linear warm-up over steps, then cosine decay over the wall-clock budget."""
+    """Linear warm-up over steps, then cosine decay over the run: progress is the larger of
+    the share of max_steps done and the share of the wall-clock budget spent."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * warm * (cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * cosine)
@@ -332,12 +367,20 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, out_dir: Path | None = 
     while state["stop_reason"] is None:
         step_start = time.perf_counter()
         batch = train_batch(streams, cfg, state["step"]).to(device)  # (B, T + 1)
-        lr = learning_rate(cfg, state["step"], state["elapsed_s"] / budget_s)
+        lr = learning_rate(cfg, state["step"], max(state["elapsed_s"] / budget_s, state["step"] / cfg.max_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
         out = model(input_ids=batch[:, :-1], output_router_logits=True)  # logits (B, T, V)
         lm_loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-        loss = lm_loss + cfg.router_aux_loss_coef * out.aux_loss  # load balancing keeps every expert in use
+        if cfg.balance == "per_layer":
+            balance = per_layer_balance_loss(out.router_logits, cfg.top_k)
+        elif cfg.balance == "pooled":
+            balance = out.aux_loss
+        else:
+            raise ValueError(f"balance {cfg.balance!r}: choose 'per_layer' or 'pooled'")
+        loss = lm_loss + cfg.router_aux_loss_coef * balance  # load balancing keeps every expert in use
+        if cfg.router_z_loss_coef:
+            loss = loss + cfg.router_z_loss_coef * router_z_loss(out.router_logits)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -348,7 +391,7 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, out_dir: Path | None = 
         state["elapsed_s"] += seconds
         bar.update(int(state["elapsed_s"]) - bar.n)
         bar.set_postfix(step=state["step"], loss=f"{lm_loss.item():.3f}", tok_s=f"{batch[:, :-1].numel() / seconds:.0f}")
-        entry = {"step": state["step"], "loss": round(lm_loss.item(), 4), "aux_loss": round(out.aux_loss.item(), 4),
+        entry = {"step": state["step"], "loss": round(lm_loss.item(), 4), "aux_loss": round(balance.item(), 4),
                  "lr": lr, "elapsed_s": round(state["elapsed_s"], 1), "tokens_seen": state["tokens_seen"]}
         if state["step"] % cfg.eval_every == 0:
             val = {d: window_loss(model, w.to(device)) for d, w in validation.items()}
