@@ -61,7 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # stopping
-    budget_minutes: float = 52.0  # of optimisation steps; validation and export add about 5
+    budget_minutes: float = 48.0  # of optimisation steps; validation and export add about 5
     max_steps: int = 2100
     eval_every: int = 100
     eval_windows: int = 16  # validation windows of seq_len tokens per domain
@@ -284,11 +284,13 @@ def specialisation_summary(counts: dict[str, list[list[int]]]) -> dict:
 def per_layer_balance_loss(router_logits, top_k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-style load-balancing loss computed inside each layer, averaged over layers.
 
-    For one layer with E experts, over its routed tokens t: f_e = share of the top-k
-    assignments that go to expert e, P_e = mean router probability of e; the loss is
-    E * sum_e f_e * P_e, which is 1 for perfectly balanced routing. transformers'
-    `load_balancing_loss_func` concatenates the logits of all layers first, so it balances
-    the pooled counts and lets one layer starve an expert another layer over-uses.
+    For one layer with E experts and top-k routing, over its tokens t: f_e = fraction of
+    tokens that route to expert e (sums to k over the experts), P_e = mean router
+    probability of e; the loss is E * sum_e f_e * P_e, which is k for perfectly balanced
+    routing. This is transformers' `load_balancing_loss_func` applied to one layer (same
+    normalisation, so the same coefficient means the same pressure); that function
+    concatenates the logits of all layers first, so it balances the pooled counts and lets
+    one layer starve an expert that another layer over-uses.
     router_logits: one (tokens, E) tensor per MoE layer; mask: (tokens,) bool of real tokens.
     """
     losses = []
@@ -300,7 +302,7 @@ def per_layer_balance_loss(router_logits, top_k: int, mask: torch.Tensor | None 
         chosen = probs.topk(top_k, dim=-1).indices  # (T, k)
         share = torch.zeros(num_experts, device=probs.device).scatter_add_(
             0, chosen.flatten(), torch.ones(chosen.numel(), device=probs.device)
-        ) / chosen.numel()  # (E,), sums to 1
+        ) / probs.shape[0]  # (E,), sums to k
         losses.append(num_experts * (share * probs.mean(dim=0)).sum())
     return torch.stack(losses).mean()
 
