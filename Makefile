@@ -1,5 +1,5 @@
 # moepaper: the two commands of the README.
-#   make reproduce   run the paper pipeline on the embedded default model (CPU, minutes)
+#   make reproduce   run the paper pipeline on the embedded models, default and pooled-balance ablation (CPU)
 #   make test        create .venv if missing, install, run the tests offline
 PYTHON ?= python3.11
 VENV   ?= .venv

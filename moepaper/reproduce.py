@@ -1,10 +1,10 @@
 """`python -m moepaper.reproduce` (`make reproduce`): run the paper notebooks with papermill.
 
-For each model of a run configuration, and each calibration (task-agnostic and
-task-specific), it executes
+For each model of a run configuration, each calibration (task-agnostic and
+task-specific) and each calibration seed, it executes
 
-    01_collect_statistics  -> statistics file
-    02_prune_and_evaluate  -> one result JSON per (criterion, ratio, benchmark)
+    01_collect_statistics  -> statistics file of that calibration draw
+    02_prune_and_evaluate  -> one result JSON per (criterion, ratio, benchmark), once per sweep
 
 then, once per configuration, 00_formulation (teaching), 03_damage_check and
 04_tables_and_figures (every table and figure). Executed copies go under `runs/<config>/`
@@ -12,10 +12,22 @@ then, once per configuration, 00_formulation (teaching), 03_damage_check and
 and the notebooks themselves skip statistics and results already on disk, so an
 interrupted run resumes where it stopped.
 
-Configurations (`--config`):
-    embedded  (default) the embedded model on CPU: outputs in data/ and figures/
-    paper     the paper's four models on GPU (needs the Hub and a GPU): outputs in runs/paper/
-    tiny      a tiny random Qwen3-MoE, a few items per task (CI): outputs in runs/tiny/
+A calibration draw is a (source, seed): seed 0 keeps the source's name (``embedded:mixed``,
+statistics ``embedded-mixed.safetensors``), seed k > 0 is named ``embedded:mixed@seed<k>``
+(`moepaper.pipeline.calibration.calibration_name`; statistics ``embedded-mixed-seed<k>.safetensors``,
+results ``<model>/embedded-mixed-seed<k>/``). A model's `Sweep`s say which criteria are
+evaluated on which draws, with which item limit, into which results root; one results root
+per sweep kind, since a model's results folder holds results of one evaluation setting only.
+
+Configurations (`--config`, several allowed; default `DEFAULT_CONFIGS`, what `make reproduce` runs):
+    embedded         the embedded default model (64 experts, top-8, per-layer balance) on CPU:
+                     statistics of 3 calibrations x 3 seeds, the named criteria on every item of
+                     the local suite (data/results/named/), and the grid on the mixed calibration,
+                     seed 0, at 80 / 30 items (data/results/grid/, the heatmap); figures in figures/
+    embedded-pooled  the same on the balance ablation (16 experts, top-2, pooled aux loss); its grid
+                     covers the three calibrations (committed)
+    paper            the paper's four models on GPU (needs the Hub and a GPU): outputs in runs/paper/
+    tiny             a tiny random Qwen3-MoE, a few items per task (CI): outputs in runs/tiny/
 
 ``--config paper --rehearsal`` rehearses the paper route on a CPU, offline: the four paper
 architectures at rehearsal size ("rehearsal:<key>", random weights), the three calibration
@@ -45,6 +57,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .pipeline.calibration import calibration_name
 from .pipeline.paper_models import PAPER_MODELS, REHEARSAL_PREFIX
 from .pipeline.results import TASK_AGNOSTIC, TASK_SPECIFIC, slug
 from .project import DATA, FIGURES, NOTEBOOKS, RUNS, project_root
@@ -53,16 +66,39 @@ KERNEL_NAME = "moepaper"  # the kernel every notebook names; installed inside th
 
 
 @dataclass
+class Sweep:
+    """One sweep of notebook 02 over some of a model's calibration draws.
+
+    name: tags the executed copies (``02__<model>__<draw>__<name>.ipynb``).
+    evaluate: parameters of 02 for this sweep (criteria, limit, ...), over the model's `evaluate`.
+    results_dir: results root, relative to the project root (None: the configuration's `results_dir`).
+    calibrations: the sources swept (None: all of the model's); seeds: the seeds swept (None: all).
+    """
+
+    name: str
+    evaluate: dict = field(default_factory=dict)
+    results_dir: str | None = None
+    calibrations: list[str] | None = None
+    seeds: tuple[int, ...] | None = None
+
+
+@dataclass
 class ModelRun:
-    """One model of a configuration: its spec, its calibrations and the shared parameters."""
+    """One model of a configuration: its spec, its calibrations and seeds, its sweeps and the shared parameters."""
 
     name: str  # short name: results and statistics paths, table titles
-    model: str  # load_model spec: "embedded", "tiny:<family>", an HF id or a path
+    model: str  # load_model spec: "embedded", "embedded-pooled", "tiny:<family>", an HF id or a path
     calibrations: dict[str, str]  # calibration source -> setting
     ratios: list[float]
     collect: dict = field(default_factory=dict)  # extra parameters of 01
-    evaluate: dict = field(default_factory=dict)  # extra parameters of 02
+    evaluate: dict = field(default_factory=dict)  # extra parameters of 02 (every sweep)
     load: dict = field(default_factory=dict)  # parameters of 01 and 02: dtype, device_map
+    seeds: tuple[int, ...] = (0,)  # calibration seeds: one statistics file per (source, seed)
+    sweeps: list[Sweep] | None = None  # None: one sweep of `evaluate` over every draw into the configuration's results_dir
+
+    def draws(self) -> list[tuple[str, int]]:
+        """Every (calibration source, seed), source by source."""
+        return [(source, seed) for source in self.calibrations for seed in self.seeds]
 
 
 @dataclass
@@ -70,32 +106,54 @@ class RunConfig:
     name: str
     models: list[ModelRun]
     statistics_dir: str  # relative to the project root
-    results_dir: str
+    results_dir: str  # the main results root (notebook 04's tables); a `Sweep` may write elsewhere
     figures_dir: str
     science: dict = field(default_factory=dict)  # parameters of 00 and 03 (None: skip them)
     run_science: bool = True
+    grid_results_dir: str | None = None  # results of the grid sweep, for notebook 04's heatmaps (None: none apart)
 
 
 # Fractions of experts removed per paper model (25% on all four, 50% on ERNIE and Qwen3).
 PAPER_RATIOS = {"olmoe": [0.25], "deepseek_v2_lite": [0.25], "ernie": [0.25, 0.5], "qwen3": [0.25, 0.5]}
 
 
+# The embedded runs: calibration seeds, and the grid sweep's item limit (the former committed sweep's).
+EMBEDDED_SEEDS = (0, 1, 2)
+GRID_LIMIT = {"mc": 80, "ppl": 30}
+DEFAULT_CONFIGS = ("embedded", "embedded-pooled")
+
+
+def _embedded_config(name: str, grid_calibrations: list[str]) -> RunConfig:
+    """Embedded model `name` on CPU: every draw collected, the named criteria on every item of
+    every draw (data/results/named/), the grid at `GRID_LIMIT` items on the seed-0 draws of
+    `grid_calibrations` (data/results/grid/)."""
+    calibrations = {"embedded:mixed": TASK_AGNOSTIC, "embedded:code": TASK_SPECIFIC, "embedded:math": TASK_SPECIFIC}
+    sweeps = [
+        Sweep("named", dict(criteria="named", limit="all")),
+        Sweep("grid", dict(criteria="grid", limit=dict(GRID_LIMIT)), results_dir=f"{DATA}/results/grid",
+              calibrations=list(grid_calibrations), seeds=(0,)),
+    ]
+    model = ModelRun(name, name, calibrations, [0.25, 0.5], dict(n_sequences=80, seq_len=512),
+                     dict(suite="local", batch_size=32), dict(threads=1), seeds=EMBEDDED_SEEDS, sweeps=sweeps)
+    return RunConfig(
+        name=name,
+        models=[model],
+        statistics_dir=f"{DATA}/statistics",
+        results_dir=f"{DATA}/results/named",
+        figures_dir=FIGURES,
+        science=dict(model=name, figures_dir="figures"),
+        grid_results_dir=f"{DATA}/results/grid",
+    )
+
+
 def _configs() -> dict[str, RunConfig]:
-    embedded_cal = {"embedded:mixed": TASK_AGNOSTIC, "embedded:code": TASK_SPECIFIC, "embedded:math": TASK_SPECIFIC}
     paper_cal = {"c4": TASK_AGNOSTIC, "code": TASK_SPECIFIC, "math": TASK_SPECIFIC}
     gpu_collect = dict(n_sequences=1024, seq_len=2048, batch_size=8)
     gpu_eval = dict(suite="paper", batch_size=16, criteria="named")
     gpu = dict(dtype="bfloat16", device_map="auto")
     return {
-        "embedded": RunConfig(
-            name="embedded",
-            models=[ModelRun("embedded", "embedded", embedded_cal, [0.25, 0.5], dict(n_sequences=80, seq_len=512),
-                             dict(suite="local", criteria="grid", batch_size=32), dict(threads=1))],
-            statistics_dir=f"{DATA}/statistics",
-            results_dir=f"{DATA}/results",
-            figures_dir=FIGURES,
-            science=dict(figures_dir="figures"),
-        ),
+        "embedded": _embedded_config("embedded", ["embedded:mixed"]),
+        "embedded-pooled": _embedded_config("embedded-pooled", ["embedded:mixed", "embedded:code", "embedded:math"]),
         "paper": RunConfig(
             name="paper",
             models=[
@@ -209,37 +267,67 @@ def run_notebook(notebook: str, output: Path, parameters: dict, *, root: Path, f
     return True
 
 
+def statistics_path(config: RunConfig, model: ModelRun, source: str, seed: int = 0) -> str:
+    """``<statistics_dir>/<model>/<slug of the draw's name>.safetensors``, relative to the project root."""
+    return f"{config.statistics_dir}/{slug(model.name)}/{slug(calibration_name(source, seed))}.safetensors"
+
+
+def sweeps(model: ModelRun) -> list[Sweep]:
+    """The model's sweeps; without any, one sweep of its `evaluate` over every draw."""
+    return list(model.sweeps) if model.sweeps is not None else [Sweep("", {})]
+
+
 def plan(config: RunConfig, root: Path, *, allow_code_execution: bool = False) -> list[tuple[str, Path, dict]]:
     """The (notebook, executed copy, parameters) steps of a configuration, in order; paths in
     parameters are relative to `root`, executed copies under ``root/runs/<config>``.
+
+    Per model and calibration draw (source, seed): 01 collects its statistics, then 02 runs
+    every `Sweep` that covers the draw. Then 00 and 03 (when `run_science`), and 04 per model
+    on the main results root, with the seed-0 statistics of each source.
     allow_code_execution: passed to 02 (HumanEval(+) / MBPP(+) run model-written code)."""
     out = root / RUNS / config.name
     steps = []
     statistics_by_model: dict[str, dict[str, str]] = {}
     for m in config.models:
-        for source, setting in m.calibrations.items():
-            stats_path = f"{config.statistics_dir}/{slug(m.name)}/{slug(source)}.safetensors"
-            statistics_by_model.setdefault(m.name, {})[source] = stats_path
-            tag = f"{slug(m.name)}__{slug(source)}"
+        for s in sweeps(m):
+            unknown = set(s.calibrations or ()) - set(m.calibrations)
+            unknown_seeds = set(s.seeds or ()) - set(m.seeds)
+            if unknown or unknown_seeds:
+                raise ValueError(f"{config.name}/{m.name}: sweep {s.name!r} covers calibrations {sorted(unknown)} or "
+                                 f"seeds {sorted(unknown_seeds)} the model does not collect")
+        for source, seed in m.draws():
+            setting = m.calibrations[source]
+            name = calibration_name(source, seed)
+            stats_path = statistics_path(config, m, source, seed)
+            if seed == 0:
+                statistics_by_model.setdefault(m.name, {})[source] = stats_path
+            tag = f"{slug(m.name)}__{slug(name)}"
             steps.append(("01_collect_statistics.ipynb", out / f"01__{tag}.ipynb",
-                          dict(model=m.model, model_name=m.name, calibration=source, output=stats_path, **m.load, **m.collect)))
-            steps.append(("02_prune_and_evaluate.ipynb", out / f"02__{tag}.ipynb",
-                          dict(model=m.model, model_name=m.name, statistics=stats_path, setting=setting,
-                               ratios=m.ratios, results_dir=config.results_dir, **m.load, **m.evaluate,
-                               **({"allow_code_execution": True} if allow_code_execution else {}))))
+                          dict(model=m.model, model_name=m.name, calibration=source, output=stats_path, **m.load, **m.collect,
+                               seed=seed)))
+            for s in sweeps(m):
+                if (s.calibrations is not None and source not in s.calibrations) or (s.seeds is not None and seed not in s.seeds):
+                    continue
+                steps.append(("02_prune_and_evaluate.ipynb", out / f"02__{tag}{'__' + s.name if s.name else ''}.ipynb",
+                              dict(model=m.model, model_name=m.name, statistics=stats_path, calibration=name, setting=setting,
+                                   ratios=m.ratios, results_dir=s.results_dir or config.results_dir, **m.load,
+                                   **{**m.evaluate, **s.evaluate},
+                                   **({"allow_code_execution": True} if allow_code_execution else {}))))
     if config.run_science:
         steps.append(("00_formulation.ipynb", out / "00_formulation.ipynb", dict(config.science)))
         steps.append(("03_damage_check.ipynb", out / "03_damage_check.ipynb", dict(config.science)))
     for m in config.models:
         steps.append(("04_tables_and_figures.ipynb", out / f"04__{slug(m.name)}.ipynb",
                       dict(model_name=m.name, results_dir=config.results_dir,
-                           statistics=statistics_by_model[m.name], figures_dir=config.figures_dir)))
+                           statistics=statistics_by_model[m.name], figures_dir=config.figures_dir,
+                           **({"grid_results_dir": config.grid_results_dir} if config.grid_results_dir else {}))))
     return steps
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="embedded", choices=sorted(CONFIGS))
+    parser.add_argument("--config", nargs="+", default=list(DEFAULT_CONFIGS), choices=sorted(CONFIGS),
+                        help=f"configurations to run, in order (default: {' '.join(DEFAULT_CONFIGS)})")
     parser.add_argument("--rehearsal", action="store_true",
                         help="with --config paper: rehearse on CPU, offline (rehearsal-size models, stand-in data); "
                              "outputs in runs/paper-rehearsal/")
@@ -251,28 +339,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=None,
                         help="the checkout to read from and write to (default: the one holding the current directory)")
     args = parser.parse_args(argv)
-    config = CONFIGS[args.config]
+    configs = [CONFIGS[name] for name in dict.fromkeys(args.config)]
     if args.rehearsal:
-        if args.config != "paper":
+        if [c.name for c in configs] != ["paper"]:
             parser.error("--rehearsal rehearses the paper route: use it with --config paper")
-        config = rehearsal(config)
+        configs = [rehearsal(configs[0])]
     root = project_root(args.root)
-    steps = plan(config, root, allow_code_execution=args.allow_code_execution)
-    if args.only:
-        steps = [s for s in steps if s[0] in args.only or s[0].split("_")[0] in args.only]
-    if args.list:
-        for notebook, output, parameters in steps:
-            print(notebook, output.relative_to(root), json.dumps(parameters))
-        return 0
-    started = time.time()
-    print(f"moepaper.reproduce: configuration {config.name!r} in {root}, {len(steps)} notebook runs; "
-          f"executed copies in {RUNS}/{config.name}/")
-    for i, (notebook, output, parameters) in enumerate(steps, 1):
-        print(f"[{i}/{len(steps)}] {notebook}", flush=True)
-        run_notebook(notebook, output, parameters, root=root, force=args.force)
-    print(f"done in {time.time() - started:.0f} s: tables and figures in {config.figures_dir}/")
+    for config in configs:
+        steps = plan(config, root, allow_code_execution=args.allow_code_execution)
+        if args.only:
+            steps = [s for s in steps if s[0] in args.only or s[0].split("_")[0] in args.only]
+        if args.list:
+            for notebook, output, parameters in steps:
+                print(notebook, output.relative_to(root), json.dumps(parameters))
+            continue
+        started = time.time()
+        print(f"moepaper.reproduce: configuration {config.name!r} in {root}, {len(steps)} notebook runs; "
+              f"executed copies in {RUNS}/{config.name}/")
+        for i, (notebook, output, parameters) in enumerate(steps, 1):
+            print(f"[{i}/{len(steps)}] {notebook}", flush=True)
+            run_notebook(notebook, output, parameters, root=root, force=args.force)
+        print(f"done in {time.time() - started:.0f} s: tables and figures in {config.figures_dir}/")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

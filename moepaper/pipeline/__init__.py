@@ -12,7 +12,7 @@
 The pipeline uses the core (`moepaper`) and the testbed; neither imports it.
 """
 
-from .calibration import CalibrationDataUnavailable, calibration_batches, calibration_description
+from .calibration import CalibrationDataUnavailable, calibration_batches, calibration_description, calibration_name
 from .evaluation import evaluate, get_suite
 from .models import PAPER_MODELS, ModelNotAvailable, load_model
 from .results import sweep
@@ -22,6 +22,7 @@ __all__ = [
     "CalibrationDataUnavailable",
     "calibration_batches",
     "calibration_description",
+    "calibration_name",
     "evaluate",
     "get_suite",
     "PAPER_MODELS",

@@ -21,6 +21,12 @@ Sources (`SOURCES` below is the one table of ids, splits and fields):
   calibration_standin`, the hub schema) instead of the hub; formatting (chat template),
   shuffling and packing are the real source's. For rehearsing the paper route offline.
 
+Calibration draws: `seed` shuffles the documents before packing, so another seed draws other
+windows of the same source. A draw is named `calibration_name(source, seed)` in results,
+tables and paths: the source itself for seed 0 (``"embedded:mixed"``), the source with
+``@seed<k>`` for seed k > 0 (``"embedded:mixed@seed1"``; slug ``embedded-mixed-seed1``).
+`parse_calibration_name` inverts it.
+
 The hub sources are streamed through `datasets` when online. Offline (``HF_HUB_OFFLINE``
 or ``HF_DATASETS_OFFLINE`` set) they are read from the local `datasets` cache; when they
 are not there, or when the hub cannot be reached, `CalibrationDataUnavailable` says within
@@ -90,6 +96,8 @@ EMBEDDED_SOURCES = ("embedded:mixed", "embedded:literature", "embedded:code", "e
 STANDIN_PREFIX = "standin:"
 STANDIN_SOURCES = tuple(STANDIN_PREFIX + key for key in SOURCES)
 
+SEED_SUFFIX = "@seed"  # "embedded:mixed@seed1": the draw of embedded:mixed with seed 1
+
 # Documents kept in the shuffle buffer when streaming a hub source.
 SHUFFLE_BUFFER = 10_000
 
@@ -105,6 +113,37 @@ def available_sources() -> list[str]:
 def hub_source(source: str) -> HubSource | None:
     """The `HubSource` whose schema and formatting `source` uses ("c4" and "standin:c4" alike), else None."""
     return SOURCES.get(source.removeprefix(STANDIN_PREFIX))
+
+
+def calibration_name(source: str, seed: int = 0) -> str:
+    """The name of the draw of `source` with `seed`: `source` for seed 0, ``<source>@seed<k>`` otherwise."""
+    if SEED_SUFFIX in source:
+        raise ValueError(f"calibration source {source!r} already names a seed; pass the plain source and seed=")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r}: a calibration seed is an integer >= 0")
+    return source if seed == 0 else f"{source}{SEED_SUFFIX}{seed}"
+
+
+def parse_calibration_name(name: str) -> tuple[str, int]:
+    """``(source, seed)`` of a draw's name: ``"embedded:mixed@seed2"`` -> ``("embedded:mixed", 2)``,
+    ``"embedded:mixed"`` -> ``("embedded:mixed", 0)``."""
+    source, suffix, seed = name.partition(SEED_SUFFIX)
+    if not suffix:
+        return name, 0
+    if not seed.isdigit() or int(seed) == 0 or str(int(seed)) != seed:
+        raise ValueError(f"calibration name {name!r}: the suffix must be {SEED_SUFFIX}<k> with k > 0 (seed 0 has no suffix)")
+    return source, int(seed)
+
+
+def calibration_name_from_description(description: str) -> str:
+    """The draw's name from a `calibration_description` (statistics metadata ``calibration``):
+    ``"embedded:mixed (...): 80 x 512 tokens, seed 1"`` -> ``"embedded:mixed@seed1"``. A description
+    without one trailing seed (free text, merged statistics) gives its part before `` (``."""
+    source = description.split(" (")[0]
+    head, sep, seed = description.rpartition(", seed ")
+    if sep and seed.strip().isdigit() and " + " not in description:  # one pass, not merged statistics
+        return calibration_name(source, int(seed))
+    return source
 
 
 # ---------------------------------------------------------------- documents

@@ -20,8 +20,9 @@ NO_CALIBRATION = "none"
 
 
 def slug(text: str) -> str:
-    """A file-name-safe form: ``S(0,2,1)`` -> ``S_0_2_1``, ``embedded:code`` -> ``embedded-code``."""
-    text = str(text).replace(":", "-").replace("/", "--")
+    """A file-name-safe form: ``S(0,2,1)`` -> ``S_0_2_1``, ``embedded:code`` -> ``embedded-code``,
+    ``embedded:mixed@seed1`` (a calibration draw) -> ``embedded-mixed-seed1``."""
+    text = str(text).replace(":", "-").replace("@", "-").replace("/", "--")
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "_"
 
 

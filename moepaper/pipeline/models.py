@@ -2,6 +2,8 @@
 
 A spec is one of
 - ``"embedded"``: the embedded default model (`moepaper.testbed.embedded.load_embedded_model`), offline.
+- ``"embedded-pooled"``: the embedded balance ablation (16 experts, top-2, transformers' pooled
+  auxiliary loss), offline; `EMBEDDED_MODELS` lists both.
 - ``"tiny:<family>"``: a tiny random-initialised model of a supported family
   (`moepaper.testbed.tiny.tiny_model`, e.g. ``"tiny:qwen3_moe"``) with its `tiny_tokenizer`, a
   character-level tokenizer that fits its 128-token vocabulary. For tests and the
@@ -26,9 +28,9 @@ from pathlib import Path
 
 import torch
 
+from ..testbed.embedded import EMBEDDED, EMBEDDED_MODELS  # noqa: F401 (EMBEDDED also imported from here)
 from .paper_models import PAPER_MODELS, REHEARSAL_PREFIX  # the paper's four models: key -> HF id
 
-EMBEDDED = "embedded"
 TINY_PREFIX = "tiny:"
 # A generic turn format (role tag, content, end-of-sequence) for the rehearsal tokenizer.
 REHEARSAL_CHAT_TEMPLATE = (
@@ -95,10 +97,10 @@ def _load_rehearsal(spec: str, dtype, device_map):
     return _place(model, device_map), rehearsal_tokenizer(model.config.vocab_size)
 
 
-def _load_embedded(dtype, device_map):
+def _load_embedded(name: str, dtype, device_map):
     from ..testbed.embedded import load_embedded_model
 
-    model, tokenizer = load_embedded_model(dtype=dtype or torch.float32)
+    model, tokenizer = load_embedded_model(name, dtype=dtype or torch.float32)
     return _place(model, device_map), tokenizer
 
 
@@ -117,7 +119,7 @@ def _check_available(name: str) -> None:
     raise ModelNotAvailable(
         f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it. "
         f"On a machine with network run `hf download {name}` (or unset HF_HUB_OFFLINE here), "
-        f"or use model='embedded' (offline) or a tiny model ('tiny:qwen3_moe')."
+        f"or use model='embedded' or 'embedded-pooled' (offline) or a tiny model ('tiny:qwen3_moe')."
     )
 
 
@@ -137,8 +139,8 @@ def load_model(spec: str, *, dtype=None, device_map=None):
     """
     spec = str(spec).strip()
     dtype = _dtype(dtype)
-    if spec == EMBEDDED:
-        return _load_embedded(dtype, device_map)
+    if spec in EMBEDDED_MODELS:
+        return _load_embedded(spec, dtype, device_map)
     if spec.startswith(TINY_PREFIX):
         return _load_tiny(spec[len(TINY_PREFIX):], dtype, device_map)
     if spec.startswith(REHEARSAL_PREFIX):

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..criteria import MONE, NAMED_CRITERIA, criterion_grid
+from .calibration import SEED_SUFFIX
 from .evaluation import get_suite
 from .results import SETTINGS_FILE, UNPRUNED, slug
 
@@ -271,8 +272,9 @@ def gap_to_baseline(
 
 
 def calibration_domain(calibration: str) -> str | None:
-    """The benchmark domain a task-specific calibration targets: ``embedded:code`` / ``code`` -> ``"code"``."""
-    name = str(calibration).split(":")[-1]
+    """The benchmark domain a task-specific calibration targets: ``embedded:code`` / ``code`` /
+    ``embedded:code@seed1`` (another draw) -> ``"code"``."""
+    name = str(calibration).partition(SEED_SUFFIX)[0].split(":")[-1]
     return name if name in ("code", "math", "literature") else None
 
 

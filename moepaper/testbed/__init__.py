@@ -3,7 +3,8 @@
 - `corpus`: the embedded corpus (Shakespeare, CPython's standard library, generated math),
   seeded disjoint train / validation / calibration / test splits under ``data/corpus``.
 - `train`: trains the embedded default model on it (``python -m moepaper.testbed.train``).
-- `embedded`: `load_embedded_model()`, the committed checkpoint in ``data/models/embedded``.
+- `embedded`: `load_embedded_model(name)`, the committed checkpoints ``data/models/embedded``
+  (default, per-layer balance) and ``data/models/embedded-pooled`` (the pooled-balance ablation).
 - `tasks`: its offline lm-eval suite (bits per byte and four-way multiple choice per domain).
 - `tiny`: tiny random-initialised models of every supported family, for tests.
 

@@ -24,3 +24,51 @@ def test_held_out_windows_come_from_the_test_split():
         list(calibration_batches("embedded:code", tokenizer, split="test", n_sequences=10**7, seq_len=64))
     with pytest.raises(ValueError, match="only embedded sources have splits"):
         list(calibration_batches("c4", tokenizer, split="test", n_sequences=1, seq_len=8))
+
+
+@pytest.mark.parametrize("source", ["embedded:mixed", "embedded:code", "embedded:math"])
+def test_calibration_seed_draws_other_windows(source):
+    """Another seed draws other windows of the same source; the same seed the same windows."""
+    tokenizer = tiny_tokenizer()
+
+    def draw(seed):
+        return torch.cat([b["input_ids"] for b in calibration_batches(source, tokenizer, n_sequences=6, seq_len=64, seed=seed)])
+
+    first, again = draw(0), draw(0)
+    assert torch.equal(first, again)
+    assert torch.equal(draw(1), draw(1))
+    windows = {seed: {tuple(row.tolist()) for row in draw(seed)} for seed in (0, 1, 2)}
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert len(windows[a] & windows[b]) < 6, (source, a, b)  # not the same draw
+    assert not torch.equal(first, draw(1))
+
+
+def test_calibration_names_of_seeded_draws():
+    from moepaper.pipeline.calibration import (
+        calibration_description,
+        calibration_name,
+        calibration_name_from_description,
+        parse_calibration_name,
+    )
+    from moepaper.pipeline.keys import entry_folder, slug
+
+    assert calibration_name("embedded:mixed", 0) == "embedded:mixed"  # seed 0: the committed names stay valid
+    assert calibration_name("embedded:mixed", 1) == "embedded:mixed@seed1"
+    assert slug(calibration_name("embedded:code", 2)) == "embedded-code-seed2"
+    assert str(entry_folder("embedded", "embedded:mixed@seed1", "man", 4)) == "embedded/embedded-mixed-seed1/S_1_0_1__removed4"
+    for source in ("embedded:mixed", "c4", "standin:math"):
+        for seed in (0, 1, 12):
+            name = calibration_name(source, seed)
+            assert parse_calibration_name(name) == (source, seed)
+            description = calibration_description(source, n_sequences=80, seq_len=512, seed=seed)
+            assert calibration_name_from_description(description) == name
+    merged = " + ".join(calibration_description("embedded:code", n_sequences=8, seq_len=64, seed=s) for s in (0, 1))
+    assert calibration_name_from_description(merged) == "embedded:code"
+    assert calibration_name_from_description("my own data") == "my own data"
+    with pytest.raises(ValueError, match="already names a seed"):
+        calibration_name("embedded:mixed@seed1", 1)
+    for bad in ("embedded:mixed@seed0", "embedded:mixed@seedx", "embedded:mixed@seed01"):
+        with pytest.raises(ValueError, match="suffix"):
+            parse_calibration_name(bad)
+    with pytest.raises(ValueError, match="integer >= 0"):
+        calibration_name("embedded:mixed", -1)

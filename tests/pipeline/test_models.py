@@ -10,7 +10,6 @@ from moepaper.pipeline.models import PAPER_MODELS, ModelNotAvailable, load_model
 from moepaper.testbed.tiny import tiny_tokenizer
 from moepaper.testbed.tiny import PAPER_FAMILIES
 
-EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "models" / "embedded"
 
 
 @pytest.mark.parametrize("family", PAPER_FAMILIES)
@@ -98,11 +97,20 @@ def test_local_path_loads_offline(tmp_path, monkeypatch):
 
 
 
-def test_embedded_spec():
-    model, tokenizer = load_model("embedded")
+@pytest.mark.parametrize("spec", ["embedded", "embedded-pooled"])
+def test_embedded_specs(spec):
+    from moepaper.testbed.embedded import embedded_model_dir
+
+    folder = embedded_model_dir(spec)
+    if spec == "embedded" and not (folder / "model.safetensors").exists():
+        pytest.skip("data/models/embedded is not there yet (the new default model is committed separately)")
+    model, tokenizer = load_model(spec)
     assert model.config.model_type == "qwen3_moe"
+    assert Path(model.config._name_or_path) == folder  # each spec loads its own checkpoint
     assert next(model.parameters()).dtype == torch.float32
     assert len(tokenizer) <= model.config.vocab_size
+    if spec == "embedded-pooled":
+        assert (model.config.num_experts, model.config.num_experts_per_tok) == (16, 2)
 
 
 @pytest.mark.parametrize("key", ["olmoe", "deepseek_v2_lite", "ernie", "qwen3"])

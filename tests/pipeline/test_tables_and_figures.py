@@ -209,3 +209,10 @@ def test_unreadable_result_files_are_skipped_with_a_warning_naming_them(results,
     assert any(str(stray) in m and "not a readable JSON file" in m for m in messages)
     assert any(str(other) in m and "not a result record" in m for m in messages)
     assert len(df) == len(results)
+
+
+def test_every_calibration_draw_targets_its_source_domain():
+    from moepaper.pipeline.tables import calibration_domain
+
+    assert [calibration_domain(c) for c in ("embedded:code", "embedded:code@seed1", "math", "standin:math", "embedded:math@seed2",
+                                            "embedded:mixed@seed1", "c4")] == ["code", "code", "math", "math", "math", None, None]

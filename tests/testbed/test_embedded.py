@@ -13,17 +13,29 @@ import pytest
 import torch
 
 from moepaper.testbed import corpus
-from moepaper.testbed.embedded import load_embedded_model
-from moepaper.testbed.embedded import embedded_model_dir
-
-EMBEDDED_MODEL_DIR = embedded_model_dir()
+from moepaper.testbed.embedded import EMBEDDED_MODELS, REGENERATE, embedded_model_dir, load_embedded_model
 from moepaper.testbed.tasks import CHANCE, LOCAL_GROUP, LOCAL_TASKS, MC_TASKS, PPL_TASKS, TASKS_DIR, task_manager
 from moepaper.testbed.tasks.local import loaders
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    return load_embedded_model()
+def _present(name: str) -> bool:
+    return (embedded_model_dir(name) / "model.safetensors").exists()
+
+
+def require(name: str) -> Path:
+    """The model's folder; the default model is skipped while it is not committed yet (the
+    ablation embedded-pooled is committed and must be there)."""
+    if not _present(name):
+        if name == "embedded":
+            pytest.skip("data/models/embedded is not there yet (the new default model is committed separately)")
+        pytest.fail(f"data/models/{name} is missing")
+    return embedded_model_dir(name)
+
+
+@pytest.fixture(scope="module", params=EMBEDDED_MODELS)
+def embedded(request):
+    require(request.param)
+    return load_embedded_model(request.param)
 
 
 # ---------------------------------------------------------------- corpus
@@ -83,21 +95,67 @@ def test_tokenizer_round_trips_every_domain(embedded, domain):
     assert n_tokens < 0.6 * sum(len(t.encode()) for t in documents)
 
 
-def test_checkpoint_loads_in_stock_transformers():
+@pytest.mark.parametrize("name", EMBEDDED_MODELS)
+def test_checkpoint_loads_in_stock_transformers(name):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL_DIR)
-    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+    folder = require(name)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     assert isinstance(model, Qwen3MoeForCausalLM)
-    assert model.config.num_experts == 16 and model.config.num_experts_per_tok == 2
+    trained = json.loads((folder / "training_config.json").read_text())  # the shape it was trained with
+    assert (model.config.num_experts, model.config.num_experts_per_tok) == (trained["num_experts"], trained["top_k"])
     assert len(tokenizer) == model.config.vocab_size
-    size = sum(f.stat().st_size for f in EMBEDDED_MODEL_DIR.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     assert size <= 25e6
 
 
-def test_load_embedded_model_is_fast_and_trained():
+def test_the_two_models_differ_in_balance_and_shape():
+    pooled = json.loads((require("embedded-pooled") / "training_config.json").read_text())
+    assert pooled["balance"] == "pooled" and (pooled["num_experts"], pooled["top_k"]) == (16, 2)
+    default = json.loads((require("embedded") / "training_config.json").read_text())
+    assert default.get("balance", "per_layer") == "per_layer"
+    assert default["num_experts"] >= 32 and default["top_k"] >= 4
+
+
+def test_regeneration_commands_parse_and_name_each_shape():
+    """Each model's regeneration command is one the trainer accepts, with that model's shape and balance."""
+    import shlex
+
+    from moepaper.testbed import train
+
+    seen = {}
+    original = train.train
+    try:
+        train.train = lambda cfg, run_dir=None, out_dir=None, fresh=False: seen.update(cfg=cfg, out_dir=out_dir)
+        for name in EMBEDDED_MODELS:
+            argv = shlex.split(REGENERATE[name])[3:]  # after "python -m moepaper.testbed.train"
+            train.main(argv)
+            cfg = seen["cfg"]
+            if name == "embedded-pooled":
+                assert (cfg.balance, cfg.num_experts, cfg.top_k, cfg.router_z_loss_coef) == ("pooled", 16, 2, 0.0)
+                assert Path(seen["out_dir"]) == Path("data/models/embedded-pooled")
+                committed = json.loads((require(name) / "training_config.json").read_text())
+                differ = {k: (v, getattr(cfg, k)) for k, v in committed.items() if getattr(cfg, k) != v}
+                assert not differ, differ  # the command rebuilds the committed configuration
+            else:
+                assert cfg.balance == "per_layer" and seen["out_dir"] is None  # default: data/models/embedded
+    finally:
+        train.train = original
+
+
+def test_unknown_embedded_model_is_named():
+    with pytest.raises(ValueError, match=r"unknown embedded model 'embedded-64'.*embedded, embedded-pooled"):
+        load_embedded_model("embedded-64")
+    with pytest.raises(ValueError, match="unknown embedded model"):
+        embedded_model_dir("nope")
+
+
+@pytest.mark.parametrize("name", EMBEDDED_MODELS)
+def test_load_embedded_model_is_fast_and_trained(name):
+    require(name)
     start = time.perf_counter()
-    model, tokenizer = load_embedded_model()
+    model, tokenizer = load_embedded_model(name)
     assert time.perf_counter() - start < 10
     assert not model.training and next(model.parameters()).dtype == torch.float32
     # a trained model: held-out loss far below an untrained one (ln V nats per token)
@@ -110,8 +168,17 @@ def test_load_embedded_model_is_fast_and_trained():
 
 
 def test_load_embedded_model_names_missing_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"config\.json.*python -m moepaper\.testbed\.train"):
+    with pytest.raises(FileNotFoundError, match=r"'embedded'.*config\.json.*python -m moepaper\.testbed\.train"):
         load_embedded_model(path=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'embedded-pooled'.*--balance pooled.*--out-dir data/models/embedded-pooled"):
+        load_embedded_model("embedded-pooled", path=tmp_path)
+
+
+def test_missing_default_model_names_the_trainer(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEPAPER_ROOT", str(tmp_path))
+    assert embedded_model_dir() == tmp_path / "data" / "models" / "embedded"
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors.*python -m moepaper\.testbed\.train"):
+        load_embedded_model()
 
 
 def test_routing_differs_between_domains(embedded):
@@ -122,7 +189,7 @@ def test_routing_differs_between_domains(embedded):
     summary = specialisation_summary(counts)
     # Jensen-Shannon divergence among the domains' expert distributions, per layer (0 = same routing)
     assert max(summary["js_between_domains_bits"]) > 0.1
-    recorded = json.loads((EMBEDDED_MODEL_DIR / "routing.json").read_text())
+    recorded = json.loads((Path(model.config._name_or_path) / "routing.json").read_text())  # the folder it was loaded from
     assert len(recorded["js_between_domains_bits"]) == model.config.num_hidden_layers
 
 

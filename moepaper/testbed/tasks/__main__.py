@@ -1,4 +1,4 @@
-"""`python -m moepaper.testbed.tasks [--limit N]`: the local suite on the embedded model, as a table."""
+"""`python -m moepaper.testbed.tasks [--model embedded-pooled] [--limit N]`: the local suite on an embedded model, as a table."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="embedded", help="embedded model: embedded (default) or embedded-pooled")
     parser.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..embedded import load_embedded_model
     from . import CHANCE, LOCAL_TASKS, MC_TASKS, task_manager
 
-    model, tokenizer = load_embedded_model()
+    model, tokenizer = load_embedded_model(args.model)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=args.batch_size)
     output = lm_eval.simple_evaluate(model=lm, tasks=LOCAL_TASKS, task_manager=task_manager(), limit=args.limit)
     rows = {}
