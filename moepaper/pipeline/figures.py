@@ -184,7 +184,7 @@ def plot_rank_intervals(boot: pd.DataFrame, *, models: Sequence[str] | None = No
     names = list(criteria) if criteria is not None else criterion_order(boot["criterion"].unique())
     if boot.empty or not settings or not names:
         raise ValueError("nothing to draw: no bootstrap rows for these models, settings and criteria")
-    width = width_cm / 2.54
+    width = width_cm / 2.54 - 0.2  # save_figure's tight bounding box adds 0.1 inch on each side
     fig = Figure(figsize=(width, 0.28 * len(names) + 1.3), layout="constrained")
     axes = fig.subplots(1, len(settings), sharey=True, squeeze=False)[0]
     y = {name: len(names) - 1 - k for k, name in enumerate(names)}
