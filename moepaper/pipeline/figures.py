@@ -198,10 +198,9 @@ def plot_rank_intervals(boot: pd.DataFrame, *, models: Sequence[str] | None = No
             if part.empty:
                 continue
             ys = np.array([y[c] for c in part["criterion"]]) + (len(models) - 1) / 2 * step - k * step
-            mean = part["mean_rank"].to_numpy()
-            err = np.stack([mean - part["low"].to_numpy(), part["high"].to_numpy() - mean])
-            ax.errorbar(mean, ys, xerr=np.clip(err, 0, None), fmt=marker, color=color, markersize=4.5, elinewidth=1.4,
-                        capsize=2, label=model)
+            # the bar spans [low, high] as computed, even where a rank near 1 or last lies outside it
+            ax.hlines(ys, part["low"].to_numpy(), part["high"].to_numpy(), color=color, linewidth=1.4)
+            ax.plot(part["mean_rank"].to_numpy(), ys, marker, color=color, markersize=4.5, label=model)
         top = int(rows["n_criteria"].max()) if not rows.empty else len(names)
         ax.set_xlim(0.5, top + 0.5)
         ax.set_xticks(range(1, top + 1, 1 if top <= 10 else 2))

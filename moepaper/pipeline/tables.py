@@ -334,7 +334,7 @@ def average_rank_summary(df: pd.DataFrame, *, model: str | None = None, benchmar
 SETTING_ORDER = ("task-agnostic", "task-specific")
 # An item list must give back its record's value within these (value recomputed from the items).
 ITEMS_RTOL, ITEMS_ATOL = 1e-6, 1e-9
-BOOTSTRAP_COLUMNS = ["model", "setting", "criterion", "mean_rank", "low", "high", "n_criteria", "n_benchmarks", "n_items",
+BOOTSTRAP_COLUMNS = ["model", "setting", "criterion", "mean_rank", "low", "high", "boot_mean", "n_criteria", "n_benchmarks", "n_items",
                      "n_ratios", "n_draws", "n_seeds", "n_boot"]
 
 
@@ -430,7 +430,11 @@ def bootstrap_average_ranks(results: pd.DataFrame, n: int = 1000, *, level: floa
     Replicate: resample each benchmark's items with replacement -- the same items for every
     entry of the model (paired, aligned by doc_id) -- recompute every value from its items;
     resample the seeds of each calibration with replacement; recompute the average ranks.
-    low, high: the (1 - level)/2 and (1 + level)/2 quantiles of the `n` replicates.
+    low, high: the (1 - level)/2 and (1 + level)/2 quantiles of the `n` replicates; boot_mean:
+    their mean. Resampling adds noise to every value, which pulls a rank near 1 or near the
+    last rank toward the middle: for a criterion that is clearly first or last, mean_rank can
+    lie just outside [low, high] (boot_mean - mean_rank shows that bias); the interval is
+    reported as computed, not widened.
 
     Calibration-free criteria: a criterion whose records hold a single calibration while the
     model's other criteria have several (AIMER, stored once, e.g. under ``none``) is taken to
@@ -612,7 +616,7 @@ def _bootstrap_model(frame: pd.DataFrame, model: str, n: int, level: float, seed
         n_seeds = min(len(d) for d in bases.values())
         for k, criterion in enumerate(criteria):
             rows.append({"model": model, "setting": setting, "criterion": criterion, "mean_rank": point[k],
-                         "low": low[k], "high": high[k], "n_criteria": C, "n_benchmarks": len(benchmarks_seen),
+                         "low": low[k], "high": high[k], "boot_mean": boot[:, k].mean(), "n_criteria": C, "n_benchmarks": len(benchmarks_seen),
                          "n_items": sum(n_items[b] for b in benchmarks_seen), "n_ratios": len(ratios_seen),
                          "n_draws": n_draws, "n_seeds": n_seeds, "n_boot": n})
     return rows, free
