@@ -9,6 +9,7 @@ a notebook shows one returned as a cell's value.
 - `plot_kept_overlap`: Jaccard overlap of the kept expert sets between criteria, per layer.
 - `plot_rank_correlation`: Spearman correlation of criteria's expert scores within layers.
 - `plot_frequency_vs_norm`: routing frequency against mean activation norm, per expert.
+- `plot_rank_intervals`: average ranks with bootstrap intervals, per setting, models side by side.
 `write_report` writes every table (`moepaper.pipeline.tables`) and figure of one model.
 """
 
@@ -32,6 +33,7 @@ from .tables import (
     AVERAGE_RANK,
     NEW_CRITERIA,
     _select,
+    SETTING_ORDER,
     criterion_order,
     display_name,
     rank_table,
@@ -158,6 +160,64 @@ def plot_score_vs_ratio(df: pd.DataFrame, *, model: str | None = None, calibrati
     ax.set_ylabel(f"average of {averaged}")
     ax.set_title(f"{pruned['model'].iloc[0]}: {calibration}")
     ax.legend(ncol=2, fontsize=8)
+    return fig
+
+
+MODEL_STYLES = (("#0173b2", "o"), ("#de8f05", "s"), ("#029e73", "D"), ("#cc78bc", "^"))
+PAGE_WIDTH_CM = 16.0  # the text width a figure is drawn for: fonts are >= 9 pt at this width
+
+
+def plot_rank_intervals(boot: pd.DataFrame, *, models: Sequence[str] | None = None, settings: Sequence[str] | None = None,
+                        criteria: Sequence[str] | None = None, width_cm: float = PAGE_WIDTH_CM):
+    """Average rank (dot) and its bootstrap interval (bar) per criterion, one panel per setting,
+    the models' estimates side by side on each criterion's row (`bootstrap_average_ranks` output).
+
+    Drawn `width_cm` wide (default 16 cm, the text width; every font >= 9 pt there); rank 1 =
+    best is at the left. models / settings / criteria: which to show and in what order
+    (default: all, models in the order of `boot`, criteria in the paper's order).
+    """
+    set_style()
+    models = list(models) if models is not None else list(dict.fromkeys(boot["model"]))
+    present = set(boot["setting"])
+    settings = list(settings) if settings is not None else sorted(
+        present, key=lambda s: (SETTING_ORDER.index(s) if s in SETTING_ORDER else len(SETTING_ORDER), s))
+    names = list(criteria) if criteria is not None else criterion_order(boot["criterion"].unique())
+    if boot.empty or not settings or not names:
+        raise ValueError("nothing to draw: no bootstrap rows for these models, settings and criteria")
+    width = width_cm / 2.54 - 0.2  # save_figure's tight bounding box adds 0.1 inch on each side
+    fig = Figure(figsize=(width, 0.28 * len(names) + 1.3), layout="constrained")
+    axes = fig.subplots(1, len(settings), sharey=True, squeeze=False)[0]
+    y = {name: len(names) - 1 - k for k, name in enumerate(names)}
+    step = 0.6 / max(len(models), 1)
+    level = boot.attrs.get("level", 0.9)
+    for ax, setting in zip(axes, settings):
+        rows = boot[boot["setting"] == setting]
+        for k, model in enumerate(models):
+            color, marker = MODEL_STYLES[k % len(MODEL_STYLES)]
+            part = rows[(rows["model"] == model) & rows["criterion"].isin(names)]
+            if part.empty:
+                continue
+            ys = np.array([y[c] for c in part["criterion"]]) + (len(models) - 1) / 2 * step - k * step
+            # the bar spans [low, high] as computed, even where a rank near 1 or last lies outside it
+            ax.hlines(ys, part["low"].to_numpy(), part["high"].to_numpy(), color=color, linewidth=1.4)
+            ax.plot(part["mean_rank"].to_numpy(), ys, marker, color=color, markersize=4.5, label=model)
+        top = int(rows["n_criteria"].max()) if not rows.empty else len(names)
+        ax.set_xlim(0.5, top + 0.5)
+        ax.set_xticks(range(1, top + 1, 1 if top <= 10 else 2))
+        ax.set_title(setting, fontsize=10)
+        ax.set_xlabel("average rank (1 = best)", fontsize=9.5)
+        ax.tick_params(labelsize=9)
+        ax.grid(axis="y", visible=False)
+    axes[0].set_yticks([y[c] for c in names], [display_name(c) for c in names])
+    axes[0].set_ylim(-0.6, len(names) - 0.4)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if not handles:
+        for ax in axes[1:]:
+            handles, labels = ax.get_legend_handles_labels()
+            if handles:
+                break
+    fig.legend(handles, labels, loc="outside upper center", ncol=len(models), fontsize=9,
+               title=f"dot: mean rank; bar: {level:.0%} bootstrap interval", title_fontsize=9)
     return fig
 
 

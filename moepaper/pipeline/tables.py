@@ -6,13 +6,18 @@
   rank) and its average rank, the paper's headline number.
 - `gap_to_baseline`: MAN's and MSAN's average minus the strongest baseline's.
 - `average_rank_summary`: average rank of each criterion in every (calibration, ratio).
+- `bootstrap_average_ranks`: each criterion's average rank per setting with percentile
+  bootstrap intervals (items resampled within benchmarks, calibration seeds resampled);
+  `rank_interval_table` / `write_rank_intervals` show it as "mean [low, high]".
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +25,6 @@ import numpy as np
 import pandas as pd
 
 from ..criteria import MONE, NAMED_CRITERIA, criterion_grid
-from .calibration import SEED_SUFFIX
 from .evaluation import get_suite
 from .results import SETTINGS_FILE, UNPRUNED, slug
 
@@ -271,10 +275,20 @@ def gap_to_baseline(
     return gap
 
 
+_SEEDED_NAME = re.compile(r"^(?P<base>.*)@seed(?P<seed>\d+)$")  # calibration.SEED_SUFFIX
+
+
+def calibration_seed(calibration: str) -> tuple[str, int]:
+    """A calibration draw's base name and seed: ``embedded:code@seed2`` -> ``("embedded:code", 2)``;
+    a name without a ``@seed<k>`` suffix is seed 0."""
+    match = _SEEDED_NAME.match(str(calibration))
+    return (match["base"], int(match["seed"])) if match else (str(calibration), 0)
+
+
 def calibration_domain(calibration: str) -> str | None:
     """The benchmark domain a task-specific calibration targets: ``embedded:code`` / ``code`` /
     ``embedded:code@seed1`` (another draw) -> ``"code"``."""
-    name = str(calibration).partition(SEED_SUFFIX)[0].split(":")[-1]
+    name = calibration_seed(calibration)[0].split(":")[-1]
     return name if name in ("code", "math", "literature") else None
 
 
@@ -312,6 +326,346 @@ def average_rank_summary(df: pd.DataFrame, *, model: str | None = None, benchmar
     summary.columns = pd.MultiIndex.from_tuples(summary.columns, names=["setting", "calibration", "benchmarks", "pruned"])
     summary.attrs["lower_is_better"] = list(summary.columns)
     return summary
+
+
+# ---------------------------------------------------------------- bootstrap intervals on average ranks
+
+
+SETTING_ORDER = ("task-agnostic", "task-specific")
+# An item list must give back its record's value within these (value recomputed from the items).
+ITEMS_RTOL, ITEMS_ATOL = 1e-6, 1e-9
+BOOTSTRAP_COLUMNS = ["model", "setting", "criterion", "mean_rank", "low", "high", "boot_mean", "n_criteria", "n_benchmarks", "n_items",
+                     "n_ratios", "n_draws", "n_seeds", "n_boot"]
+
+
+class ItemsError(ValueError):
+    """Per-item outcomes missing, not reproducing a record's value, or not aligned between entries."""
+
+
+def _entry(row) -> str:
+    return (f"{row['model']} / {row['calibration']} / {row['criterion']} / ratio {float(row['ratio']):g} / {row['benchmark']}"
+            f" ({row.get('path')})")
+
+
+def _record_items(row) -> dict | None:
+    """A result row's ``items``: its ``items`` cell when the frame has one, else read from its file."""
+    items = row.get("items")
+    if isinstance(items, dict):
+        return items
+    path = row.get("path")
+    if isinstance(path, str) and path:
+        try:
+            return json.loads(Path(path).read_text()).get("items")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return None
+    return None
+
+
+def _item_arrays(row, items: dict) -> tuple[list, str, np.ndarray, np.ndarray]:
+    """(doc_ids, kind, numerator [I], denominator [I]) of one record's items, checked against its value.
+
+    kind "acc": value = sum(acc) / I (higher is better); kind "ppl": bits per byte =
+    -sum(loglikelihood) / ln 2 / sum(bytes) (lower is better). Value = scale * sum(num) / sum(den).
+    """
+    doc_ids = list(items.get("doc_id") or [])
+    if "acc" in items:
+        kind, num = "acc", np.asarray(items["acc"], dtype=float)
+        den = np.ones_like(num)
+    elif "loglikelihood" in items and "bytes" in items:
+        kind, num, den = "ppl", np.asarray(items["loglikelihood"], dtype=float), np.asarray(items["bytes"], dtype=float)
+    else:
+        raise ItemsError(f"items of {_entry(row)} hold {sorted(items)}: expected doc_id with acc, or doc_id with loglikelihood and bytes")
+    if not (len(doc_ids) == len(num) == len(den)) or not doc_ids:
+        raise ItemsError(f"items of {_entry(row)}: {len(doc_ids)} doc_id, {len(num)} outcomes, {len(den)} denominators (need equal, > 0)")
+    if len(set(map(str, doc_ids))) != len(doc_ids):
+        raise ItemsError(f"items of {_entry(row)}: repeated doc_id")
+    value = float(_SCALE[kind] * num.sum() / den.sum())
+    if not abs(value - float(row["value"])) <= ITEMS_ATOL + ITEMS_RTOL * abs(float(row["value"])):
+        raise ItemsError(f"items of {_entry(row)} give {value!r}, the record's value is {row['value']!r}")
+    return [str(d) for d in doc_ids], kind, num, den
+
+
+_SCALE = {"acc": 1.0, "ppl": -1.0 / math.log(2)}
+
+
+def _average_ranks(badness: np.ndarray) -> np.ndarray:
+    """Ranks along the last axis: 1 = smallest, tied values share the mean of the ranks they span
+    (``pandas.Series.rank(method="average")``); same shape as `badness`, [..., C]."""
+    order = np.argsort(badness, axis=-1, kind="stable")
+    s = np.take_along_axis(badness, order, axis=-1)
+    C = s.shape[-1]
+    pos = np.broadcast_to(np.arange(C), s.shape)
+    first = np.ones(s.shape, bool)
+    first[..., 1:] = s[..., 1:] != s[..., :-1]
+    last = np.ones(s.shape, bool)
+    last[..., :-1] = first[..., 1:]
+    start = np.maximum.accumulate(np.where(first, pos, 0), axis=-1)
+    end = np.flip(np.minimum.accumulate(np.flip(np.where(last, pos, C), axis=-1), axis=-1), axis=-1)
+    ranks = np.empty(s.shape)
+    np.put_along_axis(ranks, order, (start + end) / 2 + 1, axis=-1)
+    return ranks
+
+
+def bootstrap_average_ranks(results: pd.DataFrame, n: int = 1000, *, level: float = 0.9, seed: int = 0,
+                            model: str | None = None, exclude: Sequence[str] = (UNPRUNED,),
+                            criteria: Sequence[str] | None = None) -> pd.DataFrame:
+    """Average rank of every criterion per (model, setting) with a percentile bootstrap interval.
+
+    results: `load_results` output whose records carry per-item outcomes, ``record["items"]``
+    (an ``items`` column of dicts, else read from each row's ``path``): ``{"doc_id", "acc"}``
+    (value = mean acc, higher is better) or ``{"doc_id", "loglikelihood", "bytes"}`` (value =
+    bits per byte = -sum(ll) / ln 2 / sum(bytes), lower is better). Only "ok" records count.
+
+    Settings, as in `average_rank_summary`: "task-agnostic" records (mixed calibration) are
+    ranked on every benchmark; "task-specific" records on the benchmarks of their calibration's
+    domain (`matched_benchmarks`; all benchmarks for a calibration targeting no domain).
+    A calibration draw is a calibration name with an optional ``@seed<k>`` suffix
+    (`calibration_seed`); draws of one base name (``embedded:code``, ``embedded:code@seed1``)
+    form one calibration domain.
+
+    Point estimate: for every (ratio, calibration draw), rank the criteria on each benchmark
+    (1 = best, ties averaged, direction from ``higher_is_better``) using the records' values,
+    average over the benchmarks, then over the draw's ratios, the draws of each calibration,
+    and the calibrations of the setting (task-specific: code and math with equal weight).
+    Replicate: resample each benchmark's items with replacement -- the same items for every
+    entry of the model (paired, aligned by doc_id) -- recompute every value from its items;
+    resample the seeds of each calibration with replacement; recompute the average ranks.
+    low, high: the (1 - level)/2 and (1 + level)/2 quantiles of the `n` replicates; boot_mean:
+    their mean. Resampling adds noise to every value, which pulls a rank near 1 or near the
+    last rank toward the middle: for a criterion that is clearly first or last, mean_rank can
+    lie just outside [low, high] (boot_mean - mean_rank shows that bias); the interval is
+    reported as computed, not widened.
+
+    Calibration-free criteria: a criterion whose records hold a single calibration while the
+    model's other criteria have several (AIMER, stored once, e.g. under ``none``) is taken to
+    apply to every calibration draw of the model at the same ratio (at every ratio when it has
+    one ratio only); such criteria are listed in ``attrs["calibration_free"]`` per model.
+    Every criterion must have a record for every (draw, ratio, benchmark) of a setting.
+
+    exclude: criteria left out (default the unpruned model); criteria: keep only these (None: all).
+    Returns one row per (model, setting, criterion) with `BOOTSTRAP_COLUMNS`: mean_rank, low,
+    high, n_criteria (ranked together), n_benchmarks, n_items (over those benchmarks), n_ratios,
+    n_draws (calibration draws), n_seeds (fewest seeds of a calibration), n_boot (= n);
+    ``attrs``: n, level, seed, calibration_free. Raises ItemsError for records without items
+    (naming them), items that do not give back the record's value, and doc_ids that differ
+    between entries of one benchmark; ValueError for missing records.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level={level}: a coverage in (0, 1)")
+    if n < 1:
+        raise ValueError(f"n={n}: at least one bootstrap replicate")
+    frame = results[results["status"] == "ok"] if "status" in results else results
+    frame = frame[~frame["criterion"].isin(list(exclude))]
+    if criteria is not None:
+        frame = frame[frame["criterion"].isin(list(criteria))]
+    if model is not None:
+        if model not in set(frame["model"]):
+            raise ValueError(f"no results of model {model!r} (models: {sorted(set(results['model']))})")
+        models = [model]
+    else:
+        models = sorted(frame["model"].dropna().unique())
+    rows, free = [], {}
+    for name in models:
+        model_rows, free[name] = _bootstrap_model(frame[frame["model"] == name], name, n, level, seed)
+        rows += model_rows
+    out = pd.DataFrame(rows, columns=BOOTSTRAP_COLUMNS)
+    out.attrs.update(n=n, level=level, seed=seed, calibration_free=free)
+    return out
+
+
+def _bootstrap_model(frame: pd.DataFrame, model: str, n: int, level: float, seed: int) -> tuple[list[dict], list[str]]:
+    rng = np.random.default_rng([seed, zlib.crc32(str(model).encode())])
+    frame = frame.reset_index(drop=True)
+    recs = frame.to_dict("records")  # row access by position (pandas row lookups are slow)
+    value = frame["value"].to_numpy(dtype=float)
+    calibrations = frame.groupby("criterion")["calibration"].nunique()
+    free = sorted(c for c, k in calibrations.items() if k == 1) if frame["calibration"].nunique() > 1 else []
+    dependent = frame[~frame["criterion"].isin(free)]
+    if dependent.empty:
+        raise ValueError(f"model {model!r}: no criterion evaluated on more than one calibration besides {free}")
+    # records: (calibration, ratio, criterion, benchmark) -> row index; free criteria answer every draw
+    index: dict[tuple, int] = {}
+    for i in dependent.index:
+        row = recs[i]
+        key = (row["calibration"], float(row["ratio"]), row["criterion"], row["benchmark"])
+        if key in index:
+            raise ValueError(f"two records for {_entry(row)} and {recs[index[key]].get('path')}")
+        index[key] = i
+    free_index: dict[tuple, int] = {}
+    for name in free:
+        records = frame[frame["criterion"] == name]
+        one_ratio = records["ratio"].nunique() == 1
+        for i in records.index:
+            row = recs[i]
+            free_index[(None if one_ratio else float(row["ratio"]), name, row["benchmark"])] = i
+
+    def record(calibration, ratio, criterion, benchmark) -> int | None:
+        if criterion in free:
+            found = free_index.get((None, criterion, benchmark))
+            return found if found is not None else free_index.get((ratio, criterion, benchmark))
+        return index.get((calibration, ratio, criterion, benchmark))
+
+    all_benchmarks = suite_order(frame)
+    higher = {b: bool(g["higher_is_better"].iloc[0]) if g["higher_is_better"].iloc[0] is not None else True
+              for b, g in frame.groupby("benchmark")}
+    plans = []  # (setting, criteria, {base: {seed: [(calibration, ratio, benchmarks)]}})
+    matched = {c: matched_benchmarks(frame, c) for c in dependent["calibration"].unique()}
+    for setting, group in dependent.groupby("setting", sort=False):
+        criteria = criterion_order(list(group["criterion"].unique()) + free)
+        bases: dict[str, dict[int, list]] = {}
+        for (calibration, ratio), _ in group.groupby(["calibration", "ratio"], sort=True):
+            benchmarks = (matched[calibration] if setting == "task-specific" else None) or all_benchmarks
+            base, draw = calibration_seed(calibration)
+            bases.setdefault(base, {}).setdefault(draw, []).append((calibration, float(ratio), benchmarks))
+        plans.append((setting, criteria, bases))
+    plans.sort(key=lambda p: (SETTING_ORDER.index(p[0]) if p[0] in SETTING_ORDER else len(SETTING_ORDER), str(p[0])))
+
+    # every record used, complete grid
+    used: dict[str, set[int]] = {}
+    missing = []
+    for _setting, criteria, bases in plans:
+        for draws in bases.values():
+            for cells in draws.values():
+                for calibration, ratio, benchmarks in cells:
+                    for benchmark in benchmarks:
+                        for criterion in criteria:
+                            i = record(calibration, ratio, criterion, benchmark)
+                            if i is None:
+                                missing.append(f"{calibration} / {criterion} / ratio {ratio:g} / {benchmark}")
+                            else:
+                                used.setdefault(benchmark, set()).add(i)
+    if missing:
+        raise ValueError(f"model {model!r}: {len(missing)} (calibration, criterion, ratio, benchmark) without an 'ok' record, "
+                         f"so the criteria cannot be ranked together: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+
+    # items per benchmark: distinct outcome rows, aligned by doc_id; replicate values [u, n]
+    values: dict[int, tuple[str, int]] = {}  # row -> (benchmark, distinct-row index)
+    replicate: dict[str, np.ndarray] = {}
+    n_items: dict[str, int] = {}
+    items = {i: _record_items(recs[i]) for ids in used.values() for i in ids}
+    without = [i for i, found in items.items() if not isinstance(found, dict)]
+    if without:
+        names = [_entry(recs[i]) for i in sorted(without)]
+        raise ItemsError(f"model {model!r}: {len(names)} result records have no per-item outcomes ('items'): "
+                         f"{'; '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+    for benchmark in [b for b in all_benchmarks if b in used]:
+        reference = kinds = None
+        distinct: dict[bytes, int] = {}
+        nums, dens = [], []
+        for i in sorted(used[benchmark]):
+            row = recs[i]
+            doc_ids, kind, num, den = _item_arrays(row, items[i])
+            if reference is None:
+                reference, kinds, first = {d: k for k, d in enumerate(doc_ids)}, kind, row
+            if kind != kinds:
+                raise ItemsError(f"{_entry(row)} holds {kind} items, {_entry(first)} {kinds} items")
+            if len(doc_ids) != len(reference) or not reference.keys() >= set(doc_ids):
+                only = sorted(set(doc_ids) - set(reference))[:5]
+                lacking = sorted(set(reference) - set(doc_ids))[:5]
+                raise ItemsError(f"doc_ids of {_entry(row)} differ from those of {_entry(first)}: "
+                                 f"{len(doc_ids)} against {len(reference)} items; only here {only}, only there {lacking}")
+            order = np.fromiter((reference[d] for d in doc_ids), dtype=np.int64, count=len(doc_ids))
+            aligned_num, aligned_den = np.empty_like(num), np.empty_like(den)
+            aligned_num[order], aligned_den[order] = num, den
+            key = aligned_num.tobytes() + aligned_den.tobytes()
+            if key not in distinct:
+                distinct[key] = len(nums)
+                nums.append(aligned_num)
+                dens.append(aligned_den)
+            values[i] = (benchmark, distinct[key])
+        I = len(reference)
+        draws = rng.integers(0, I, size=(n, I))
+        weights = np.bincount((draws + I * np.arange(n)[:, None]).ravel(), minlength=n * I).reshape(n, I).astype(float)
+        replicate[benchmark] = _SCALE[kinds] * (np.stack(nums) @ weights.T) / (np.stack(dens) @ weights.T)  # [u, n]
+        n_items[benchmark] = I
+
+    rows = []
+    for setting, criteria, bases in plans:
+        C = len(criteria)
+        point_bases, boot_bases = [], []
+        benchmarks_seen, ratios_seen, n_draws = set(), set(), 0
+        for base in sorted(bases):
+            draws = bases[base]
+            point_draws, boot_draws = [], []
+            for draw in sorted(draws):
+                point_cells, boot_cells = [], []
+                for calibration, ratio, benchmarks in draws[draw]:
+                    ratios_seen.add(ratio)
+                    benchmarks_seen.update(benchmarks)
+                    point_rank, boot_rank = np.zeros(C), np.zeros((n, C))
+                    for benchmark in benchmarks:
+                        ids = [record(calibration, ratio, c, benchmark) for c in criteria]
+                        point = value[ids]  # [C]
+                        boot = np.stack([replicate[benchmark][values[i][1]] for i in ids], axis=1)  # [n, C]
+                        sign = -1.0 if higher[benchmark] else 1.0
+                        point_rank += _average_ranks(sign * point)
+                        boot_rank += _average_ranks(sign * boot)
+                    point_cells.append(point_rank / len(benchmarks))
+                    boot_cells.append(boot_rank / len(benchmarks))
+                point_draws.append(np.mean(point_cells, axis=0))
+                boot_draws.append(np.mean(boot_cells, axis=0))
+            n_draws += len(draws)
+            S = len(point_draws)
+            picks = rng.integers(0, S, size=(n, S))
+            counts = np.stack([(picks == s).sum(axis=1) for s in range(S)], axis=1)  # [n, S]
+            point_bases.append(np.mean(point_draws, axis=0))
+            boot_bases.append(np.einsum("ns,snc->nc", counts, np.stack(boot_draws)) / S)
+        point = np.mean(point_bases, axis=0)
+        boot = np.mean(boot_bases, axis=0)  # [n, C]
+        low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
+        n_seeds = min(len(d) for d in bases.values())
+        for k, criterion in enumerate(criteria):
+            rows.append({"model": model, "setting": setting, "criterion": criterion, "mean_rank": point[k],
+                         "low": low[k], "high": high[k], "boot_mean": boot[:, k].mean(), "n_criteria": C, "n_benchmarks": len(benchmarks_seen),
+                         "n_items": sum(n_items[b] for b in benchmarks_seen), "n_ratios": len(ratios_seen),
+                         "n_draws": n_draws, "n_seeds": n_seeds, "n_boot": n})
+    return rows, free
+
+
+def rank_interval_table(boot: pd.DataFrame, *, digits: int = 2) -> pd.DataFrame:
+    """`bootstrap_average_ranks` as criterion rows x (setting, model) columns of "mean [low, high]"."""
+    cells = boot.assign(cell=[f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+                              for m, lo, hi in zip(boot["mean_rank"], boot["low"], boot["high"])])
+    table = cells.pivot_table(index="criterion", columns=["setting", "model"], values="cell", aggfunc="first")
+    settings = sorted(table.columns.get_level_values(0).unique(),
+                      key=lambda s: (SETTING_ORDER.index(s) if s in SETTING_ORDER else len(SETTING_ORDER), s))
+    models = list(dict.fromkeys(boot["model"]))
+    table = table.reindex(index=criterion_order(table.index),
+                          columns=pd.MultiIndex.from_tuples([(s, m) for s in settings for m in models if (s, m) in table.columns],
+                                                            names=["setting", "model"]))
+    table = table.fillna("–")
+    table.attrs.update(boot.attrs, bold=False)
+    return table
+
+
+def rank_interval_caption(boot: pd.DataFrame, *, latex: bool = False) -> str:
+    """What `rank_interval_table` shows, in words: replicates, level, items, draws, direction."""
+    level, n = boot.attrs.get("level", 0.9), boot.attrs.get("n", int(boot["n_boot"].max()))
+    parts = []
+    for (model, setting), g in boot.groupby(["model", "setting"], sort=False):
+        first = g.iloc[0]
+        parts.append(f"{model} {setting}: {first['n_criteria']} criteria, {first['n_benchmarks']} benchmarks, "
+                     f"{first['n_items']} items, {first['n_draws']} calibration draws ({first['n_seeds']}+ seeds each), "
+                     f"{first['n_ratios']} ratios")
+    percent = r"\%" if latex else "%"
+    free = {m: c for m, c in (boot.attrs.get("calibration_free") or {}).items() if c}
+    extra = ("; calibration-free, the same for every draw: "
+             + ", ".join(f"{m}: {', '.join(display_name(x) for x in c)}" for m, c in free.items())) if free else ""
+    return (f"Average rank (1 = best; lower is better) with {level:.0%}".replace("%", percent)
+            + f" percentile bootstrap intervals, mean [low, high], from {n} replicates resampling the items of each "
+            f"benchmark (paired across criteria) and the calibration seeds of each calibration. "
+            + "; ".join(parts) + extra + ".")
+
+
+def write_rank_intervals(boot: pd.DataFrame, out_dir: str | Path, name: str = "rank_intervals", *, digits: int = 2) -> list[Path]:
+    """Write `name`.md (table and caption) and `name`.tex (table with caption) of `rank_interval_table`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = rank_interval_table(boot, digits=digits)
+    md, tex = out_dir / f"{name}.md", out_dir / f"{name}.tex"
+    md.write_text(to_markdown(table) + "\n\n" + rank_interval_caption(boot) + "\n")
+    tex.write_text(to_latex(table, caption=rank_interval_caption(boot, latex=True), label=f"tab:{name}"))
+    return [md, tex]
 
 
 # ---------------------------------------------------------------- formatting

@@ -1,0 +1,295 @@
+"""Average ranks with bootstrap intervals (`bootstrap_average_ranks`) on synthetic records with per-item outcomes."""
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moepaper.pipeline.figures import PAGE_WIDTH_CM, plot_rank_intervals, save_figure
+from moepaper.pipeline.results import write_json_atomic
+from moepaper.pipeline.tables import (
+    ItemsError,
+    _average_ranks,
+    average_rank_summary,
+    bootstrap_average_ranks,
+    calibration_domain,
+    calibration_seed,
+    load_results,
+    rank_interval_table,
+    write_rank_intervals,
+)
+
+# benchmark -> (domain, kind); kind "mc" (acc, higher is better) or "ppl" (bits per byte, lower is better)
+BENCHMARKS = {"code_mc": ("code", "mc"), "code_ppl": ("code", "ppl"), "math_mc": ("math", "mc"),
+              "math_ppl": ("math", "ppl"), "literature_mc": ("literature", "mc")}
+# criterion -> quality (higher = better outcomes on every benchmark)
+QUALITY = {"frequency": 0.00, "seer": 0.02, "ean": 0.05, "reap": 0.08, "man": -0.03, "msan": -0.05, "mone": 0.03}
+CALIBRATIONS = {"embedded:mixed": "task-agnostic", "embedded:code": "task-specific", "embedded:math": "task-specific"}
+
+
+def calibration_name(base: str, seed: int) -> str:
+    return base if seed == 0 else f"{base}@seed{seed}"
+
+
+def item_outcomes(rng, kind: str, doc_ids: list[str], quality: float, oracle: bool = False) -> dict:
+    """Per-item outcomes in the record format: acc (0/1), or loglikelihood (nats) and bytes."""
+    I = len(doc_ids)
+    if kind == "mc":
+        acc = np.ones(I) if oracle else (rng.random(I) < np.clip(0.45 + quality, 0.01, 0.99)).astype(float)
+        return {"doc_id": doc_ids, "acc": acc.tolist()}
+    size = rng.integers(50, 200, size=I).astype(float)
+    bpb = np.zeros(I) if oracle else np.clip(1.5 - quality + 0.4 * rng.standard_normal(I), 0.05, None)
+    return {"doc_id": doc_ids, "loglikelihood": (-bpb * size * math.log(2)).tolist(), "bytes": size.tolist()}
+
+
+def item_value(items: dict) -> float:
+    if "acc" in items:
+        return float(np.mean(items["acc"]))
+    return -float(np.sum(items["loglikelihood"])) / math.log(2) / float(np.sum(items["bytes"]))
+
+
+def synthetic_records(*, models=("toy",), quality=QUALITY, seeds=(0, 1, 2), ratios=(0.25, 0.5), items=60,
+                      calibrations=CALIBRATIONS, draw_noise=0.02, oracle=None, calibration_free=None, seed=0) -> list[dict]:
+    """Result records with items for every (model, calibration draw, ratio, criterion, benchmark).
+
+    quality: per criterion, added to the probability of a correct answer and subtracted from
+    bits per byte; draw_noise: the spread of a per-(draw, ratio, criterion) quality shift.
+    oracle: a criterion correct on every item (and 0 bits per byte). calibration_free: a
+    criterion stored once, under calibration "none", for every ratio. doc_ids are shuffled
+    per record (the bootstrap aligns them).
+    """
+    rng = np.random.default_rng(seed)
+    doc_ids = {b: [f"{b}-{k}" for k in range(items)] for b in BENCHMARKS}
+    records = []
+
+    def add(model, calibration, setting, criterion, ratio, benchmark, q, is_oracle=False):
+        domain, kind = BENCHMARKS[benchmark]
+        ids = list(rng.permutation(doc_ids[benchmark]))
+        outcome = item_outcomes(rng, kind, ids, q, is_oracle)
+        records.append({
+            "model": model, "calibration": calibration, "setting": setting, "criterion": criterion, "ratio": ratio,
+            "benchmark": benchmark, "label": benchmark, "task": benchmark, "suite": "toy", "domain": domain,
+            "metric": "acc,none" if kind == "mc" else "bits_per_byte,none", "higher_is_better": kind == "mc",
+            "value": item_value(outcome), "stderr": None, "n": items, "status": "ok", "note": "",
+            "b": None, "alpha": None, "beta": None, "evaluation": {"limit": None}, "items": outcome,
+        })
+
+    for model in models:
+        for base, setting in calibrations.items():
+            for s in seeds:
+                for ratio in ratios:
+                    for criterion, q in quality.items():
+                        shift = draw_noise * rng.standard_normal()
+                        for benchmark in BENCHMARKS:
+                            add(model, calibration_name(base, s), setting, criterion, ratio, benchmark, q + shift)
+                    if oracle:
+                        for benchmark in BENCHMARKS:
+                            add(model, calibration_name(base, s), setting, oracle, ratio, benchmark, 0.0, True)
+        if calibration_free:
+            for ratio in ratios:
+                for benchmark in BENCHMARKS:
+                    add(model, "none", None, calibration_free, ratio, benchmark, 0.04)
+    return records
+
+
+def as_frame(records: list[dict]) -> pd.DataFrame:
+    """Records as `load_results` rows, with the items in an ``items`` column."""
+    frame = pd.DataFrame(records)
+    frame["path"] = [f"<{r['model']}/{r['calibration']}/{r['criterion']}/{r['ratio']}/{r['benchmark']}>" for r in records]
+    return frame
+
+
+def write_records(out, records: list[dict]) -> pd.DataFrame:
+    for k, record in enumerate(records):
+        write_json_atomic(out / record["model"] / f"r{k:05d}.json", record)
+    return load_results(out)
+
+
+@pytest.fixture(scope="module")
+def records():
+    return synthetic_records()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def test_calibration_seed_and_domain():
+    assert calibration_seed("embedded:mixed") == ("embedded:mixed", 0)
+    assert calibration_seed("embedded:code@seed2") == ("embedded:code", 2)
+    assert calibration_seed("none") == ("none", 0)
+    assert calibration_domain("embedded:code@seed1") == "code"
+    assert calibration_domain("embedded:math") == "math"
+    assert calibration_domain("embedded:mixed@seed1") is None
+
+
+def test_average_ranks_match_pandas_with_ties():
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 4, size=(50, 7)).astype(float)  # many ties
+    expected = np.stack([pd.Series(row).rank(method="average").to_numpy() for row in values])
+    np.testing.assert_array_equal(_average_ranks(values), expected)
+
+
+# ---------------------------------------------------------------- the estimate and its interval
+
+
+def test_point_estimate_is_the_plain_average_rank(tmp_path, records):
+    """Mean ranks = average_rank_summary averaged over ratios and draws (task-specific: matched benchmarks)."""
+    df = write_records(tmp_path, records)  # items read back from the files
+    boot = bootstrap_average_ranks(df, n=50)
+    summary = average_rank_summary(df, model="toy", criteria=None)
+    agnostic = summary.loc[:, [c for c in summary.columns if c[0] == "task-agnostic" and c[2] == "all"]].mean(axis=1)
+    specific = summary.loc[:, [c for c in summary.columns if c[0] == "task-specific" and c[2] == "matched"]].mean(axis=1)
+    assert len([c for c in summary.columns if c[0] == "task-specific" and c[2] == "matched"]) == 2 * 3 * 2  # code, math x seeds x ratios
+    for setting, expected in (("task-agnostic", agnostic), ("task-specific", specific)):
+        got = boot[boot["setting"] == setting].set_index("criterion")["mean_rank"]
+        assert set(got.index) == set(QUALITY)
+        np.testing.assert_allclose(got.sort_index(), expected.reindex(got.index).sort_index(), rtol=0, atol=1e-12)
+    row = boot.iloc[0]
+    assert (row["n_criteria"], row["n_ratios"], row["n_draws"], row["n_seeds"], row["n_boot"]) == (len(QUALITY), 2, 3, 3, 50)
+    specific_rows = boot[boot["setting"] == "task-specific"]
+    assert set(specific_rows["n_benchmarks"]) == {4} and set(specific_rows["n_items"]) == {4 * 60}  # code and math benchmarks
+    assert set(boot.loc[boot["setting"] == "task-agnostic", "n_benchmarks"]) == {5}
+
+
+def test_interval_contains_the_mean_and_is_deterministic(records):
+    df = as_frame(records)
+    boot = bootstrap_average_ranks(df, n=200, seed=1)
+    assert len(boot) == 2 * len(QUALITY)
+    assert (boot["low"] <= boot["mean_rank"]).all() and (boot["mean_rank"] <= boot["high"]).all()
+    assert (boot["low"] < boot["high"]).any()
+    again = bootstrap_average_ranks(df, n=200, seed=1)
+    pd.testing.assert_frame_equal(boot, again)
+    other = bootstrap_average_ranks(df, n=200, seed=2)
+    np.testing.assert_array_equal(other["mean_rank"], boot["mean_rank"])  # the point estimate does not depend on the seed
+    assert not np.array_equal(other[["low", "high"]].to_numpy(), boot[["low", "high"]].to_numpy())
+    wider = bootstrap_average_ranks(df, n=200, seed=1, level=0.99)
+    assert (wider["high"] - wider["low"] >= boot["high"] - boot["low"] - 1e-12).all()
+
+
+def test_a_criterion_best_on_every_item_ranks_first_with_no_width():
+    df = as_frame(synthetic_records(oracle="oracle", seeds=(0, 1), items=40))
+    boot = bootstrap_average_ranks(df, n=100)
+    oracle = boot[boot["criterion"] == "oracle"]
+    assert len(oracle) == 2
+    assert (oracle["mean_rank"] == 1).all() and (oracle["low"] == 1).all() and (oracle["high"] == 1).all()
+    assert (boot.loc[boot["criterion"] != "oracle", "low"] >= 2).all()
+
+
+def test_intervals_shrink_with_more_items():
+    quality = {"frequency": 0.00, "seer": 0.08, "ean": 0.16, "reap": 0.24}
+    widths = []
+    for items in (20, 800):
+        df = as_frame(synthetic_records(quality=quality, items=items, seeds=(0, 1, 2), draw_noise=0.0, seed=4))
+        boot = bootstrap_average_ranks(df, n=300)
+        widths.append((boot["high"] - boot["low"]).mean())
+    assert widths[1] < 0.5 * widths[0]
+
+
+def test_seed_draws_widen_the_interval():
+    """Criteria far apart on items but shifted per calibration draw: the width comes from resampling the seeds."""
+    quality = {"frequency": 0.0, "seer": 0.1, "ean": 0.2}
+    widths = {}
+    for noise in (0.0, 0.3):
+        df = as_frame(synthetic_records(quality=quality, seeds=(0, 1, 2, 3), draw_noise=noise, items=400, seed=5))
+        boot = bootstrap_average_ranks(df, n=300)
+        assert set(boot["n_seeds"]) == {4}
+        assert set(boot["n_draws"]) == {4, 8}  # task-agnostic: mixed x 4 seeds; task-specific: code and math x 4
+        widths[noise] = (boot["high"] - boot["low"]).mean()
+    assert widths[0.3] > widths[0.0] + 0.2
+
+
+def test_calibration_free_criterion_applies_to_every_draw():
+    """AIMER stored once under "none" gives the same answer as the same records copied to every draw."""
+    records = synthetic_records(calibration_free="aimer", seeds=(0, 1), items=40)
+    boot = bootstrap_average_ranks(as_frame(records), n=100)
+    assert boot.attrs["calibration_free"] == {"toy": ["aimer"]}
+    assert set(boot.loc[boot["criterion"] == "aimer", "setting"]) == {"task-agnostic", "task-specific"}
+    free = [r for r in records if r["criterion"] == "aimer"]
+    copied = [r for r in records if r["criterion"] != "aimer"]
+    for base, setting in CALIBRATIONS.items():
+        for s in (0, 1):
+            copied += [{**r, "calibration": calibration_name(base, s), "setting": setting} for r in free]
+    explicit = bootstrap_average_ranks(as_frame(copied), n=100)
+    assert explicit.attrs["calibration_free"] == {"toy": []}
+    pd.testing.assert_frame_equal(boot.reset_index(drop=True), explicit.reset_index(drop=True))
+
+
+def test_models_are_ranked_separately_and_model_selects():
+    both = as_frame(synthetic_records(models=("embedded", "embedded-pooled"), seeds=(0, 1), items=30))
+    boot = bootstrap_average_ranks(both, n=50)
+    assert list(dict.fromkeys(boot["model"])) == ["embedded", "embedded-pooled"]
+    alone = bootstrap_average_ranks(both, n=50, model="embedded-pooled")
+    pd.testing.assert_frame_equal(alone.reset_index(drop=True),
+                                  boot[boot["model"] == "embedded-pooled"].reset_index(drop=True))
+    with pytest.raises(ValueError, match="no results of model 'other'"):
+        bootstrap_average_ranks(both, n=5, model="other")
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_records_without_items_are_named(records):
+    df = as_frame(records)
+    df["items"] = df["items"].astype(object)
+    df.at[7, "items"] = None
+    with pytest.raises(ItemsError, match=r"1 result records have no per-item outcomes.*" + re.escape(df.at[7, "path"])):
+        bootstrap_average_ranks(df, n=5)
+
+
+def test_items_that_do_not_give_the_value(records):
+    df = as_frame(records)
+    df.loc[3, "value"] = df.loc[3, "value"] + 0.01
+    with pytest.raises(ItemsError, match=r"give .* the record's value is"):
+        bootstrap_average_ranks(df, n=5)
+
+
+def test_mismatched_doc_ids(records):
+    df = as_frame(records)
+    items = dict(df.at[12, "items"])
+    items["doc_id"] = ["other"] + list(items["doc_id"][1:])
+    df.at[12, "items"] = items
+    with pytest.raises(ItemsError, match=r"doc_ids of .* differ from those of .*only here \['other'\]"):
+        bootstrap_average_ranks(df, n=5)
+
+
+def test_missing_record_is_named(records):
+    df = as_frame(records).drop(index=[20])
+    with pytest.raises(ValueError, match="without an 'ok' record"):
+        bootstrap_average_ranks(df, n=5)
+
+
+def test_bad_arguments(records):
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_average_ranks(as_frame(records), level=1.5)
+
+
+# ---------------------------------------------------------------- table and figure
+
+
+def test_table_and_figure(tmp_path):
+    df = as_frame(synthetic_records(models=("embedded", "embedded-pooled"), seeds=(0, 1), items=30))
+    boot = bootstrap_average_ranks(df, n=100)
+    table = rank_interval_table(boot)
+    assert list(table.columns) == [(s, m) for s in ("task-agnostic", "task-specific") for m in ("embedded", "embedded-pooled")]
+    assert list(table.index)[:6] == ["frequency", "seer", "ean", "reap", "man", "msan"]
+    row = boot[(boot["model"] == "embedded") & (boot["setting"] == "task-agnostic") & (boot["criterion"] == "man")].iloc[0]
+    assert table.loc["man", ("task-agnostic", "embedded")] == f"{row['mean_rank']:.2f} [{row['low']:.2f}, {row['high']:.2f}]"
+    md, tex = write_rank_intervals(boot, tmp_path)
+    text = md.read_text()
+    assert "MAN" in text and "lower is better" in text and "90% percentile bootstrap" in text and "100 replicates" in text
+    assert "120 items" in text  # task-specific: code and math, 2 benchmarks each, 30 items
+    latex = tex.read_text()
+    assert r"90\% percentile" in latex and r"\caption" in latex and "[" in latex
+
+    fig = plot_rank_intervals(boot)
+    assert len(fig.axes) == 2
+    sizes = [t.get_fontsize() for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text") and a.get_text())]
+    assert sizes and min(sizes) >= 9
+    first = save_figure(fig, "rank_intervals", tmp_path / "a")
+    second = save_figure(plot_rank_intervals(boot), "rank_intervals", tmp_path / "b")
+    assert first[1].read_bytes() == second[1].read_bytes()  # reproducible PDF
+    box = re.search(rb"/MediaBox \[\s*([\d.]+) ([\d.]+) ([\d.]+) ([\d.]+)\s*\]", first[1].read_bytes())
+    width_cm = (float(box[3]) - float(box[1])) / 72 * 2.54
+    assert 12 < width_cm <= PAGE_WIDTH_CM + 0.01
