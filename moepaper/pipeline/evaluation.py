@@ -24,12 +24,26 @@ Suites
   (`moepaper.testbed.tasks`), the suite the embedded model is evaluated on.
 - ``smoke``: the local suite with `SMOKE_LIMIT` items per task, for tests.
 
+One call per suite, items per row
+---------------------------------
+By default (``fast=True``) the benchmarks of a suite run in ONE ``lm_eval.evaluator.evaluate``
+call over lm-eval tasks loaded once per process (`loaded_tasks`), so a sweep of many
+entries loads and indexes its documents once. The requests and batches are those of the stock
+command line given the same tasks in one ``--tasks`` list (``lm_eval --model hf --tasks
+t1,t2,... --samples ...``), hence the same numbers (tests/pipeline/test_evaluation.py checks
+it against the command line on a saved pruned checkpoint). Suites that override few-shot
+counts or generation settings (the paper suites) and groups (MMLU) keep one
+``simple_evaluate`` per benchmark. Every "ok" row carries its per-item outcomes
+(``items``, `item_outcomes`) from lm-eval's logged samples: ``{"doc_id", "acc"}`` for
+multiple choice, ``{"doc_id", "loglikelihood", "bytes"}`` for bits per byte, from which the
+value is recomputed exactly (`items_value`), for bootstraps over items.
+
 Failures
 --------
-Each benchmark is evaluated by its own lm-eval call. A benchmark that fails (a missing
-extra such as math-verify, an unreachable dataset, a metric that raises, a non-finite
-value) becomes a row with status ``"failed"`` and the error's first line in ``note``; the
-others still run. A model whose logits are not finite on a probe input fails every
+A benchmark that fails (a missing extra such as math-verify, an unreachable dataset, a
+metric that raises, a non-finite value) becomes a row with status ``"failed"`` and the
+error's first line in ``note``; the others still run (when the one-call path fails as a
+whole, e.g. a task that cannot be loaded, each benchmark is retried by its own call). A model whose logits are not finite on a probe input fails every
 benchmark at once, with that reason.
 
 Backends
