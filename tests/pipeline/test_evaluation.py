@@ -455,7 +455,7 @@ def test_fast_path_matches_the_stock_lm_eval_command_line(tiny, tokenizer, task_
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'ckpt'}",
          "--tasks", "t_mc,t_ppl", "--include_path", task_suite.include_path[0], "--samples", json.dumps(samples),
          "--batch_size", "8", "--device", "cpu", "--log_samples", "--output_path", str(tmp_path / "out")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,  # a busy machine: minutes
     )
     assert done.returncode == 0, done.stderr[-2000:]
     cli = {}
