@@ -24,12 +24,26 @@ Suites
   (`moepaper.testbed.tasks`), the suite the embedded model is evaluated on.
 - ``smoke``: the local suite with `SMOKE_LIMIT` items per task, for tests.
 
+One call per suite, items per row
+---------------------------------
+By default (``fast=True``) the benchmarks of a suite run in ONE ``lm_eval.evaluator.evaluate``
+call over lm-eval tasks loaded once per process (`loaded_tasks`), so a sweep of many
+entries loads and indexes its documents once. The requests and batches are those of the stock
+command line given the same tasks in one ``--tasks`` list (``lm_eval --model hf --tasks
+t1,t2,... --samples ...``), hence the same numbers (tests/pipeline/test_evaluation.py checks
+it against the command line on a saved pruned checkpoint). Suites that override few-shot
+counts or generation settings (the paper suites) and groups (MMLU) keep one
+``simple_evaluate`` per benchmark. Every "ok" row carries its per-item outcomes
+(``items``, `item_outcomes`) from lm-eval's logged samples: ``{"doc_id", "acc"}`` for
+multiple choice, ``{"doc_id", "loglikelihood", "bytes"}`` for bits per byte, from which the
+value is recomputed exactly (`items_value`), for bootstraps over items.
+
 Failures
 --------
-Each benchmark is evaluated by its own lm-eval call. A benchmark that fails (a missing
-extra such as math-verify, an unreachable dataset, a metric that raises, a non-finite
-value) becomes a row with status ``"failed"`` and the error's first line in ``note``; the
-others still run. A model whose logits are not finite on a probe input fails every
+A benchmark that fails (a missing extra such as math-verify, an unreachable dataset, a
+metric that raises, a non-finite value) becomes a row with status ``"failed"`` and the
+error's first line in ``note``; the others still run (when the one-call path fails as a
+whole, e.g. a task that cannot be loaded, each benchmark is retried by its own call). A model whose logits are not finite on a probe input fails every
 benchmark at once, with that reason.
 
 Backends
@@ -79,6 +93,7 @@ STATUSES = (OK, NOT_RUN, FAILED)
 
 RESULT_COLUMNS = [
     "benchmark", "label", "task", "metric", "value", "stderr", "higher_is_better", "n", "status", "note", "suite", "domain",
+    "items",
 ]
 
 
@@ -252,7 +267,7 @@ def _row(benchmark: Benchmark, suite: Suite, **values) -> dict:
     row = dict(
         benchmark=benchmark.name, label=benchmark.label, task=benchmark.task, metric=benchmark.metric,
         value=float("nan"), stderr=float("nan"), higher_is_better=benchmark.higher_is_better, n=0,
-        status=NOT_RUN, note="", suite=suite.name, domain=benchmark.domain,
+        status=NOT_RUN, note="", suite=suite.name, domain=benchmark.domain, items=None,
     )
     row.update(values)
     return row
@@ -296,6 +311,7 @@ def evaluate(
     model_args: dict | None = None,
     spread: bool = True,
     quiet: bool = True,
+    fast: bool = True,
 ) -> pd.DataFrame:
     """Evaluate `model` on a suite; one row per benchmark (`RESULT_COLUMNS`).
 
@@ -318,11 +334,18 @@ def evaluate(
     seed: lm-eval's python / numpy / torch / few-shot seeds.
     model_args: lm-eval model arguments, over the suite's (``paper``: ``max_length`` 4096).
     quiet: silence lm-eval's info logging.
+    fast: evaluate every runnable benchmark in ONE ``lm_eval.evaluator.evaluate`` call over
+        tasks loaded once per process and reused (`loaded_tasks`), as the stock ``lm_eval``
+        command line does with all the tasks in one ``--tasks`` list (same requests, same
+        batches, hence the same numbers). Used when the suite overrides neither few-shot
+        counts nor generation settings, no chat template is applied and no benchmark is a
+        group; otherwise, or if the joint call fails, one ``simple_evaluate`` per benchmark.
 
     Returns a DataFrame with columns benchmark, label, task, metric, value (lm-eval's raw
     value, e.g. accuracy in [0, 1]), stderr, higher_is_better, n (items evaluated), status
     ("ok", "not run" or "failed"), note (why not run / which harness / the error's first
-    line), suite, domain. A failing benchmark never stops the others (module docstring).
+    line), suite, domain, items (per-item outcomes, `item_outcomes`; None when not ok).
+    A failing benchmark never stops the others (module docstring).
     """
     suite = get_suite(suite)
     chosen = list(suite.benchmarks)
@@ -361,17 +384,24 @@ def evaluate(
         else:
             with _quiet(quiet), code_eval, _environment_report_once():
                 manager = task_manager(suite.include_path, suite.include_defaults)
-                for b in runnable:
-                    rows[b.name] = _evaluate_benchmark(
-                        lm, manager, b, suite, limit, spread=spread, batch_size=batch_size, seed=seed,
-                        apply_chat_template=apply_chat_template, allow_code_execution=allow_code_execution,
-                    )
+                together = None
+                if fast and not suite.num_fewshot and not suite.gen_kwargs and not apply_chat_template:
+                    together = _evaluate_together(lm, manager, runnable, suite, limit, spread=spread, seed=seed,
+                                                  allow_code_execution=allow_code_execution)
+                if together is not None:
+                    rows.update(together)
+                else:
+                    for b in runnable:
+                        rows[b.name] = _evaluate_benchmark(
+                            lm, manager, b, suite, limit, spread=spread, batch_size=batch_size, seed=seed,
+                            apply_chat_template=apply_chat_template, allow_code_execution=allow_code_execution,
+                        )
     return pd.DataFrame([rows[b.name] for b in chosen], columns=RESULT_COLUMNS)
 
 
 def _evaluate_benchmark(lm, manager, b: Benchmark, suite: Suite, limit, *, spread: bool, batch_size: int, seed: int,
                         apply_chat_template: bool, allow_code_execution: bool) -> dict:
-    """One benchmark through lm-eval: an "ok" row, or a "failed" row naming the error."""
+    """One benchmark through its own ``simple_evaluate``: an "ok" row, or a "failed" row naming the error."""
     import lm_eval
 
     started = time.time()
@@ -389,7 +419,7 @@ def _evaluate_benchmark(lm, manager, b: Benchmark, suite: Suite, limit, *, sprea
             limit=wanted,
             samples=samples,
             bootstrap_iters=0,
-            log_samples=False,
+            log_samples=True,
             gen_kwargs=dict(suite.gen_kwargs) if suite.gen_kwargs else None,
             task_manager=manager,
             apply_chat_template=apply_chat_template,
@@ -399,17 +429,95 @@ def _evaluate_benchmark(lm, manager, b: Benchmark, suite: Suite, limit, *, sprea
             torch_random_seed=seed,
             fewshot_random_seed=seed,
         )
-        results = {**output.get("groups", {}), **output["results"]}
-        task_result = results[b.task]
-        metric = b.metric or primary_metric(task_result)
-        if metric not in task_result:
-            raise KeyError(f"lm-eval result of {b.task!r} has no {metric!r}; it has {sorted(task_result)}")
-        value = task_result[metric]
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise FloatingPointError(f"{metric} = {value!r} is not a finite number")
+        return _benchmark_row(b, suite, output, seconds=time.time() - started)
     except Exception as error:  # isolate the failure: this benchmark only
         log.warning("benchmark %s failed: %s", b.name, _first_line(error))
         return _row(b, suite, status=FAILED, note=_first_line(error))
+
+
+_LOADED_TASKS: dict = {}
+
+
+def loaded_tasks(manager, names: tuple[str, ...]) -> dict:
+    """lm-eval's loaded tasks (``manager.load(names)``: documents read, prompts set up), once per
+    (task manager, names) per process: a sweep evaluates the same tasks for every entry, and
+    ``lm_eval.evaluator.evaluate`` rebuilds each task's requests on every call, so reuse is safe."""
+    key = (id(manager), names)
+    if key not in _LOADED_TASKS:
+        _LOADED_TASKS[key] = (manager, manager.load(list(names)))  # the manager kept alive: its id stays unique
+    return _LOADED_TASKS[key][1]
+
+
+def _task_samples(task, wanted, spread: bool) -> list[int] | None:
+    """The item indices of `task` to evaluate for a limit of `wanted` (None: every item)."""
+    size = len(task.eval_docs)
+    if wanted is None:
+        return None
+    if isinstance(wanted, float) and wanted <= 1 and not float(wanted).is_integer():  # a fraction, as lm-eval reads it
+        return list(range(int(math.ceil(size * wanted))))
+    count = min(int(wanted), size)
+    if spread and isinstance(wanted, int):  # as the per-benchmark path: only an int count is spread
+        return sorted({int(i * size / count) for i in range(count)})
+    return list(range(count))
+
+
+def _evaluate_together(lm, manager, runnable: list[Benchmark], suite: Suite, limit, *, spread: bool, seed: int,
+                       allow_code_execution: bool) -> dict | None:
+    """Every benchmark in one ``lm_eval.evaluator.evaluate`` call over cached tasks: name -> row,
+    or None when the tasks cannot be evaluated together (a group, a task that fails to load, a
+    joint call that raises); the caller then evaluates benchmark by benchmark, isolating failures."""
+    import random
+
+    import lm_eval.evaluator
+    import numpy as np
+
+    started = time.time()
+    names = tuple(dict.fromkeys(b.task for b in runnable))
+    try:
+        loaded = loaded_tasks(manager, names)
+        if loaded["groups"] or set(loaded["tasks"]) != set(names):
+            return None
+        samples = {}
+        for b in runnable:
+            wanted = benchmark_limit(b.name, limit) if isinstance(limit, dict) else limit
+            indices = _task_samples(loaded["tasks"][b.task], wanted, spread)
+            if indices is not None:
+                samples[b.task] = indices
+        random.seed(seed)  # as simple_evaluate seeds
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        for task in loaded["tasks"].values():
+            if task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=seed)
+        output = lm_eval.evaluator.evaluate(
+            lm=lm, task_dict=loaded, samples=samples or None, bootstrap_iters=0, log_samples=True,
+            confirm_run_unsafe_code=allow_code_execution,
+        )
+    except Exception as error:
+        log.info("evaluating %s together failed (%s); evaluating benchmark by benchmark", names, _first_line(error))
+        return None
+    seconds = time.time() - started
+    rows = {}
+    for b in runnable:
+        try:
+            rows[b.name] = _benchmark_row(b, suite, output, seconds=seconds, shared=len(runnable) > 1)
+        except Exception as error:
+            log.warning("benchmark %s failed: %s", b.name, _first_line(error))
+            rows[b.name] = _row(b, suite, status=FAILED, note=_first_line(error))
+    return rows
+
+
+def _benchmark_row(b: Benchmark, suite: Suite, output: dict, *, seconds: float, shared: bool = False) -> dict:
+    """The "ok" row of benchmark `b` from an lm-eval output; raises on a missing metric or a non-finite value."""
+    results = {**output.get("groups", {}), **output["results"]}
+    task_result = results[b.task]
+    metric = b.metric or primary_metric(task_result)
+    if metric not in task_result:
+        raise KeyError(f"lm-eval result of {b.task!r} has no {metric!r}; it has {sorted(task_result)}")
+    value = task_result[metric]
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FloatingPointError(f"{metric} = {value!r} is not a finite number")
     name = metric.split(",")[0]
     higher = b.higher_is_better
     if higher is None:
@@ -421,8 +529,47 @@ def _evaluate_benchmark(lm, manager, b: Benchmark, suite: Suite, limit, *, sprea
         b, suite, metric=metric, value=float(value),
         stderr=float(stderr) if isinstance(stderr, (int, float)) else float("nan"),
         higher_is_better=bool(higher) if higher is not None else True, n=int(n or 0), status=OK,
-        note=f"{time.time() - started:.1f} s",
+        note=f"{seconds:.1f} s" + (" (whole suite, one lm-eval call)" if shared else ""),
+        items=item_outcomes(output.get("samples", {}).get(b.task), metric),
     )
+
+
+def item_outcomes(samples: list[dict] | None, metric: str) -> dict | None:
+    """Per-item outcomes of one task from lm-eval's logged samples, compact (numbers only).
+
+    metric: the ``"name,filter"`` the benchmark's value is computed from.
+    Returns ``{"doc_id": [...], name: [...]}`` with one number per item (``acc``: 0 or 1),
+    for ``bits_per_byte`` (and the other perplexities) ``{"doc_id": [...], "loglikelihood":
+    [nats per document], "bytes": [...]}`` (``"words"`` for ``word_perplexity``), such that
+    lm-eval's aggregate is reproduced exactly: the mean of the values for a mean metric,
+    ``-(sum(loglikelihood) / sum(bytes)) / ln 2`` for bits per byte. Items in lm-eval's
+    document order; None when no samples were logged or the per-item value is not a number
+    or a (loglikelihood, count) pair.
+    """
+    if not samples:
+        return None
+    name, filter_key = metric.split(",", 1)
+    chosen = [s for s in samples if s.get("filter", filter_key) == filter_key and name in s]
+    if not chosen:
+        return None
+    values = [s[name] for s in chosen]
+    doc_ids = [int(s["doc_id"]) for s in chosen]
+    if all(isinstance(v, (tuple, list)) and len(v) == 2 for v in values):
+        unit = "words" if name == "word_perplexity" else "bytes"
+        return {"doc_id": doc_ids, "loglikelihood": [float(v[0]) for v in values], unit: [int(v[1]) for v in values]}
+    if all(isinstance(v, (bool, int, float)) for v in values):
+        numbers = [int(v) if float(v).is_integer() else float(v) for v in values]
+        return {"doc_id": doc_ids, name: numbers}
+    return None
+
+
+def items_value(items: dict) -> float:
+    """The aggregate of `item_outcomes`, computed as lm-eval computes it (for tests and bootstraps)."""
+    if "loglikelihood" in items:
+        count = items.get("bytes", items.get("words"))
+        return -(sum(items["loglikelihood"]) / sum(count)) / math.log(2) if "bytes" in items else float("nan")
+    (name,) = [k for k in items if k != "doc_id"]
+    return sum(items[name]) / len(items[name])
 
 
 _ENVIRONMENT_REPORT: dict = {}
@@ -569,5 +716,5 @@ def paper_task_names() -> list[str]:
 
 __all__ = [
     "Benchmark", "Suite", "PAPER_BENCHMARKS", "get_suite", "evaluate", "primary_metric", "paper_task_names",
-    "task_manager", "nonfinite_logits", "NOT_RUN", "OK", "FAILED",
+    "task_manager", "nonfinite_logits", "NOT_RUN", "OK", "FAILED", "item_outcomes", "items_value", "loaded_tasks",
 ]

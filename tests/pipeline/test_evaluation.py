@@ -1,8 +1,10 @@
 """Calibration data, lm-eval evaluation and the resumable sweep, offline on tiny models."""
 
 import json
+import math
 import string
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -220,10 +222,11 @@ def test_a_model_with_nan_logits_is_failed_not_ok(tokenizer, task_suite):
 
 
 def test_a_non_finite_metric_value_is_failed(tiny, tokenizer, task_suite, monkeypatch):
-    """Issue 11 case 8: a NaN value from lm-eval is a failed result naming the metric, never "ok"."""
-    import lm_eval
+    """Issue 11 case 8: a NaN value from lm-eval is a failed result naming the metric, never "ok"
+    (lm-eval's `evaluator.evaluate` serves both the one-call suite path and `simple_evaluate`)."""
+    import lm_eval.evaluator
 
-    real = lm_eval.simple_evaluate
+    real = lm_eval.evaluator.evaluate
 
     def nan_bits(*args, **kwargs):
         output = real(*args, **kwargs)
@@ -232,10 +235,11 @@ def test_a_non_finite_metric_value_is_failed(tiny, tokenizer, task_suite, monkey
                 result["bits_per_byte,none"] = float("nan")
         return output
 
-    monkeypatch.setattr(lm_eval, "simple_evaluate", nan_bits)
-    frame = evaluate(tiny, tokenizer, task_suite).set_index("benchmark")
-    assert frame.loc["t_ppl", "status"] == "failed" and "bits_per_byte" in frame.loc["t_ppl", "note"]
-    assert frame.loc["t_mc", "status"] == "ok"
+    monkeypatch.setattr(lm_eval.evaluator, "evaluate", nan_bits)
+    for fast in (True, False):
+        frame = evaluate(tiny, tokenizer, task_suite, fast=fast).set_index("benchmark")
+        assert frame.loc["t_ppl", "status"] == "failed" and "bits_per_byte" in frame.loc["t_ppl", "note"]
+        assert frame.loc["t_mc", "status"] == "ok"
 
 
 @pytest.mark.parametrize("limit", [0, {"ppl": 0, "mc": 0}, {"t_mc": 2, "t_ppl": 0}, -1, 0.0])
@@ -391,3 +395,102 @@ def test_embedded_mixed_interleaves_domains():
 def test_calibration_short_source_raises(tokenizer):
     with pytest.raises(ValueError, match="holds only"):
         next(calibration_batches("embedded:math", tokenizer, n_sequences=10**6, seq_len=512))
+
+
+# ---------------------------------------------------------------- one lm-eval call per suite, per-item outcomes
+
+
+def test_items_reproduce_each_value_exactly(tiny, tokenizer, task_suite):
+    """Per-item outcomes are compact numbers whose aggregate is the row's value, bit for bit."""
+    from moepaper.pipeline.evaluation import items_value
+
+    frame = evaluate(tiny, tokenizer, task_suite, limit=3, benchmarks=["t_mc", "t_ppl"]).set_index("benchmark")
+    mc, ppl = frame.loc["t_mc"], frame.loc["t_ppl"]
+    assert set(mc["items"]) == {"doc_id", "acc"} and mc["items"]["doc_id"] == [0, 2, 4]  # spread items, true ids
+    assert set(mc["items"]["acc"]) <= {0, 1}
+    assert set(ppl["items"]) == {"doc_id", "loglikelihood", "bytes"} and ppl["items"]["doc_id"] == [0, 2, 4]
+    assert ppl["items"]["bytes"] == [len(QUESTIONS[i][0].encode()) for i in (0, 2, 4)]
+    assert all(ll < 0 for ll in ppl["items"]["loglikelihood"])
+    assert items_value(mc["items"]) == mc["value"] and items_value(ppl["items"]) == ppl["value"]
+    ll, nbytes = sum(ppl["items"]["loglikelihood"]), sum(ppl["items"]["bytes"])
+    assert -ll / math.log(2) / nbytes == pytest.approx(ppl["value"], rel=1e-15, abs=0)  # the other order: to 1 ulp
+
+
+def test_one_call_per_suite_equals_one_call_per_benchmark(tiny, tokenizer, task_suite, tiny_stats):
+    """The fast path (one lm-eval call over cached tasks) gives the per-benchmark path's values and items,
+    masked or not, and reusing the cached tasks changes nothing."""
+    from moepaper.criteria import expert_scores
+    from moepaper.pruning import mask_experts, select_experts
+
+    keep = select_experts(expert_scores(tiny_stats, "man"), ratio=0.5, model=tiny)
+    for context in (nullcontext(), mask_experts(tiny, keep)):
+        with context:
+            fast = evaluate(tiny, tokenizer, task_suite, limit=5, fast=True)
+            again = evaluate(tiny, tokenizer, task_suite, limit=5, fast=True)
+            stock = evaluate(tiny, tokenizer, task_suite, limit=5, fast=False)
+        assert "one lm-eval call" in fast["note"][0] and "one lm-eval call" not in stock["note"][0]
+        for column in ("value", "n", "status", "items"):
+            assert list(fast[column]) == list(stock[column]) == list(again[column]), column
+
+
+def test_fast_path_matches_the_stock_lm_eval_command_line(tiny, tokenizer, task_suite, tiny_stats, tmp_path):
+    """The stock `lm_eval` command line on a saved pruned checkpoint gives the same per-item loglikelihoods
+    and accuracies as `evaluate` (fast path) on that pruned model in memory (exactly), and on the unpruned
+    model under `mask_experts` (to float rounding)."""
+    import copy
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    from moepaper.criteria import expert_scores
+    from moepaper.pruning import mask_experts, prune_experts, save_pruned, select_experts
+
+    keep = select_experts(expert_scores(tiny_stats, "man"), ratio=0.25, model=tiny)
+    pruned = prune_experts(copy.deepcopy(tiny), keep)
+    save_pruned(pruned, tokenizer, tmp_path / "ckpt", keep)
+    samples = {"t_mc": [0, 1, 3, 4], "t_ppl": [0, 2, 4]}  # what limit={"t_mc": 4, "t_ppl": 3} spreads to
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'ckpt'}",
+         "--tasks", "t_mc,t_ppl", "--include_path", task_suite.include_path[0], "--samples", json.dumps(samples),
+         "--batch_size", "8", "--device", "cpu", "--log_samples", "--output_path", str(tmp_path / "out")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,  # a busy machine: minutes
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    cli = {}
+    for task in samples:
+        (path,) = glob.glob(str(tmp_path / "out" / "**" / f"samples_{task}_*.jsonl"), recursive=True)
+        cli[task] = sorted((json.loads(line) for line in open(path)), key=lambda s: s["doc_id"])
+    expected = {
+        "t_mc": {"doc_id": [s["doc_id"] for s in cli["t_mc"]], "acc": [int(s["acc"]) for s in cli["t_mc"]]},
+        "t_ppl": {"doc_id": [s["doc_id"] for s in cli["t_ppl"]], "loglikelihood": [s["bits_per_byte"][0] for s in cli["t_ppl"]],
+                  "bytes": [s["bits_per_byte"][1] for s in cli["t_ppl"]]},
+    }
+    assert expected["t_mc"]["doc_id"] == samples["t_mc"] and expected["t_ppl"]["doc_id"] == samples["t_ppl"]
+    limit = {"t_mc": 4, "t_ppl": 3}
+    frame = evaluate(pruned, tokenizer, task_suite, limit=limit, benchmarks=["t_mc", "t_ppl"]).set_index("benchmark")
+    assert "one lm-eval call" in frame.loc["t_mc", "note"]  # the fast path
+    # the same checkpoint, requests and batches: bitwise the same numbers
+    assert frame.loc["t_mc", "items"] == expected["t_mc"] and frame.loc["t_ppl", "items"] == expected["t_ppl"]
+    with mask_experts(tiny, keep):
+        masked = evaluate(tiny, tokenizer, task_suite, limit=limit, benchmarks=["t_mc", "t_ppl"]).set_index("benchmark")
+    assert masked.loc["t_mc", "items"] == expected["t_mc"]
+    assert masked.loc["t_ppl", "items"]["loglikelihood"] == pytest.approx(expected["t_ppl"]["loglikelihood"], rel=1e-5)
+
+
+def test_sweep_records_carry_per_item_outcomes(tiny, tokenizer, task_suite, tiny_stats, tmp_path):
+    """Every result record holds its items (numbers only), and they give the record's value exactly after
+    the JSON round trip; limit="all" evaluates every item."""
+    from moepaper.pipeline.evaluation import items_value
+
+    paths = sweep(tiny, tokenizer, tiny_stats, criteria=["man"], ratios=[0.5], suite=task_suite, out_dir=tmp_path,
+                  model_name="tiny", progress=False, limit="all")
+    records = {(r["criterion"], r["benchmark"]): r for r in map(read_result, paths)}
+    assert len(records) == 6
+    for (criterion, benchmark), record in records.items():
+        assert record["status"] == "ok" and record["items"]["doc_id"] == list(range(6)), (criterion, benchmark)
+        assert items_value(record["items"]) == record["value"]
+        assert all(isinstance(v, (int, float)) for key in record["items"] for v in record["items"][key])
+    assert set(records["man", "t_mc"]["items"]) == {"doc_id", "acc"}
+    assert set(records["man", "t_ppl"]["items"]) == {"doc_id", "loglikelihood", "bytes"}
