@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from ..criteria import Criterion, StatisticCriterion, expert_scores, resolve_criteria
+from ..criteria import NOVICE, REROUTE, Criterion, StatisticCriterion, expert_scores, resolve_criteria
 from ..project import atomic_write, check_writable, relative_to_project
 from ..provenance import versions
 from ..statistics import ExpertStatistics
@@ -157,8 +157,10 @@ def _settings_fingerprint(suite: evaluation.Suite, limit, seed: int, backend: st
     }
 
 
-def _is_done(record: dict | None, settings: dict, stats_hash: str | None) -> bool:
+def _is_done(record: dict | None, settings: dict, stats_hash: str | None, replacement: str | None = None) -> bool:
     if record is None or record.get("status") != evaluation.OK:
+        return False
+    if replacement == NOVICE and record.get("replacement") != NOVICE:  # e.g. a masked "mone" of before novices
         return False
     if record.get("evaluation") != settings:
         return False
@@ -329,10 +331,17 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
            reuse_identical, on_entry, stats_hash, settings, from_disk=None) -> list[Path]:
     from tqdm.auto import tqdm
 
-    from ..pruning import mask_experts, select_experts
+    from ..pruning import mask_experts, replace_with_novices, select_experts
 
     entries = [Entry(UNPRUNED, 0.0, NO_CALIBRATION)] if include_unpruned else []
     entries += [Entry(c, float(r), calibration) for c in resolve_criteria(criteria) for r in ratios]
+    novice = sorted({e.name for e in entries if getattr(e.criterion, "replacement", REROUTE) == NOVICE})
+    if from_disk is not None and novice:
+        raise NotImplementedError(
+            f"criteria {novice} replace pruned experts by novices (a constant output per expert, routing unchanged), "
+            "which a stock pruned checkpoint cannot express: evaluate them with backend='hf', or leave them out of "
+            "the vllm sweep (criteria=[c for c in resolve_criteria('named') if c.replacement != 'novice'])"
+        )
     evaluated = _evaluated_index(Path(out_dir) / slug(model_name), settings) if reuse_identical else {}
     all_paths: list[Path] = []
     counts = {"evaluated": 0, "reused": 0, "skipped": 0}
@@ -341,16 +350,17 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
         bar.set_postfix_str(f"{entry.name} {entry.ratio:g}")
         keep = None
         if not entry.unpruned:
-            keep = select_experts(expert_scores(stats, entry.criterion), ratio=entry.ratio, layers=layers)
+            keep = select_experts(expert_scores(stats, entry.criterion, model=model), ratio=entry.ratio, layers=layers)
         removed = [0] * len(layers) if keep is None else keep.num_removed
         paths = {b.name: result_path(out_dir, model_name, entry.calibration, entry.criterion, removed, b.name) for b in suite.benchmarks}
         all_paths += paths.values()
         entry_hash = None if entry.unpruned else stats_hash
-        todo = [name for name, p in paths.items() if not _is_done(read_result(p), settings, entry_hash)]
+        replacement = None if entry.unpruned else entry.criterion.replacement
+        todo = [name for name, p in paths.items() if not _is_done(read_result(p), settings, entry_hash, replacement)]
         if not todo:
             counts["skipped"] += 1
             continue
-        kept_key = _kept_key(keep)
+        kept_key = _kept_key(keep, replacement, entry_hash)
         rows, sources, seconds, run = {}, {}, 0.0, None
         for name in todo:  # the same kept experts make the same model: reuse its results
             source = evaluated.get((kept_key, name))
@@ -366,7 +376,13 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
                 run = from_disk.run(entry.criterion, entry.ratio, entry.calibration, keep)
                 frame = from_disk.evaluate(run, keep, suite=suite, **options)
             else:
-                with nullcontext() if keep is None else mask_experts(model, keep, layers=layers):
+                if keep is None:
+                    pruned = nullcontext()
+                elif entry.criterion.replacement == NOVICE:  # MoNE as published: novices, routing unchanged
+                    pruned = replace_with_novices(model, keep, stats, layers=layers)
+                else:  # pruned experts leave routing
+                    pruned = mask_experts(model, keep, layers=layers)
+                with pruned:
                     frame = evaluation.evaluate(model, tokenizer, suite, **options)
             seconds = time.time() - started
             rows.update({row["benchmark"]: row for row in frame.to_dict("records")})
@@ -381,6 +397,7 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
                 "calibration": entry.calibration,
                 "setting": None if entry.unpruned else setting,
                 **criterion_record(entry.criterion),
+                "replacement": replacement,
                 "ratio": entry.ratio,
                 "removed": removed,
                 **{k: _jsonable(v) for k, v in row.items()},
@@ -408,9 +425,14 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
     return all_paths
 
 
-def _kept_key(keep) -> tuple:
-    """Hashable kept experts per layer; None (the unpruned model) keeps everything."""
-    return ("all",) if keep is None else tuple(tuple(int(i) for i in k) for k in keep)
+def _kept_key(keep, replacement: str | None = None, stats_hash: str | None = None) -> tuple:
+    """What makes two entries the same model: the kept experts per layer (None, the unpruned model,
+    keeps everything) and, where pruned experts become novices, the statistics their means come from
+    (a re-routed and a novice model with the same kept experts differ)."""
+    if keep is None:
+        return ("all",)
+    kept = tuple(tuple(int(i) for i in k) for k in keep)
+    return (NOVICE, stats_hash, kept) if replacement == NOVICE else kept
 
 
 def _relative(path: Path, root) -> str:
@@ -430,7 +452,8 @@ def _evaluated_index(model_dir: Path, settings: dict) -> dict:
         if not record or record.get("status") != evaluation.OK or record.get("evaluation") != settings:
             continue
         kept = record.get("kept")
-        key = _kept_key(None if kept is None else kept)
+        replacement = record.get("replacement") or REROUTE  # records without the field were re-routed
+        key = _kept_key(kept, replacement, record.get("provenance", {}).get("statistics_hash"))
         index.setdefault((key, record.get("benchmark")), {**record, "_path": _relative(path, model_dir.parent)})
     return index
 
