@@ -11,7 +11,9 @@ The criterion key is its point ``S_<b>_<alpha>_<beta>`` whatever its name ("man"
 (a uniquely named temporary file renamed into place) with the process's normal
 permissions, so an interrupted run never leaves half a file. The unpruned model is one
 entry per model: calibration ``none``, criterion ``unpruned``, ``removed0``. Each file
-carries the value, the evaluation settings, the kept experts and provenance (moepaper,
+carries the value, the evaluation settings, the kept experts, how pruned experts were
+replaced (``replacement``: "reroute" or "novice"; absent in records older than novices, which
+were re-routed) and provenance (moepaper,
 lm-eval, transformers and torch versions, seed, the statistics' tensor checksum, date).
 
 A model's results folder records the evaluation settings it was made with
@@ -265,8 +267,13 @@ def sweep(
     model, tokenizer: the loaded model (evaluated in memory under `mask_experts`).
     stats: its expert statistics; results record their tensor checksum (`ExpertStatistics.checksum`,
         the same whichever file holds them) and `statistics_path`, the file they were loaded from.
-    criteria: ``"named"`` (default: the paper's named criteria + MoNE), ``"grid"`` (every
-        (b, alpha, beta) + MoNE), or a list (names, `Criterion`s, points, "mone").
+    criteria: ``"named"`` (default: the paper's named criteria + the baselines "mone", "mone-ranking"
+        and "aimer"), ``"grid"`` (every (b, alpha, beta) + the baselines), or a list (names,
+        `Criterion`s, points, "mone"). Each is evaluated as its ``replacement`` says: "mone" (MoNE
+        as published) under `replace_with_novices` (pruned experts return their mean calibration
+        output, routing unchanged), the others under `mask_experts`. AIMER scores the model's
+        weights (no calibration): at a ratio it keeps the same experts for every calibration, so
+        with reuse_identical the sweeps of the other calibrations copy its results.
     ratios: fractions of experts removed in every MoE layer (`select_experts`, scope "layer").
     suite: evaluation suite (`moepaper.pipeline.evaluation.get_suite`).
     setting: ``"task-agnostic"`` or ``"task-specific"``, stored with every result.
@@ -279,11 +286,14 @@ def sweep(
     reuse_identical: an entry whose kept experts equal those of an entry already evaluated
         (in this sweep or on disk, same model and evaluation settings) is the same model, so
         its results are copied rather than recomputed; the record names the source in
-        ``provenance.same_kept_experts_as``. Criteria often agree at a ratio, so this saves time.
+        ``provenance.same_kept_experts_as``. Novice models are the same only with the same kept
+        experts *and* statistics (their means); a re-routed and a novice model never are. Criteria often agree at a ratio, so this saves time.
     on_entry: called after each entry's files are written (``on_entry(entry, paths)``).
     backend: ``"hf"`` (default): in memory under `mask_experts`. ``"vllm"``: each entry from a
         structurally pruned checkpoint saved to disk and deleted after its evaluation
-        (`moepaper.pipeline.checkpoints`; the unpruned model from its own checkpoint).
+        (`moepaper.pipeline.checkpoints`; the unpruned model from its own checkpoint). Criteria
+        evaluated with novices ("mone") are refused there (NotImplementedError): a stock
+        checkpoint cannot express a constant expert output.
     checkpoints: options of the ``"vllm"`` backend, `checkpoints.CheckpointEvaluator`'s keywords:
         ``checkpoint_dir`` (default ``<out_dir>/../checkpoints``), ``keep_checkpoints``,
         ``base_checkpoint``, ``tensor_parallel_size``, ``gpu_memory_utilization``, ... ;

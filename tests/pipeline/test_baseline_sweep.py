@@ -102,3 +102,30 @@ def test_vllm_backend_refuses_novices(tiny, tmp_path):
     plan = checkpoints.plan_checkpoints(model, stats_a, criteria=["aimer", "mone-ranking"], ratios=[0.5],
                                         checkpoint_dir=tmp_path / "plan", model_name="tiny", include_unpruned=False)
     assert [Path(str(r.checkpoint)).name for r in plan] == ["aimer__removed4", "mone-ranking__removed4"]
+
+
+def test_migration_renames_only_folders_whose_kept_experts_mone_ranking_selects(tiny, tmp_path):
+    from moepaper.criteria import expert_scores
+    from moepaper.pipeline.keys import slug
+    from moepaper.pipeline.migrations import rename_mone_ranking
+    from moepaper.pruning import select_experts
+
+    _, _, (stats_a, _) = tiny
+    stats_dir = tmp_path / "statistics"
+    stats_dir.mkdir()
+    stats_a.save(stats_dir / f"{slug('cal-a')}.safetensors")
+    kept = [k.tolist() for k in select_experts(expert_scores(stats_a, "mone-ranking"), ratio=0.5)]
+    other = [[e for e in range(8) if e not in k][:4] for k in kept]  # a different selection
+    for folder, chosen in (("mone__removed4", kept), ("mone__removed2", other)):
+        path = tmp_path / "results" / "tiny" / "cal-a" / folder / "t.json"
+        path.parent.mkdir(parents=True)
+        write_json_atomic(path, {"criterion": "mone", "calibration": "cal-a", "ratio": 0.5, "kept": chosen})
+    dry = rename_mone_ranking(tmp_path / "results", stats_dir)
+    assert [Path(f).name for f in dry["renamed"]] == ["mone__removed4"]
+    assert [Path(f).name for f in dry["kept_differ"]] == ["mone__removed2"]
+    assert (tmp_path / "results" / "tiny" / "cal-a" / "mone__removed4").exists(), "a dry run moves nothing"
+    rename_mone_ranking(tmp_path / "results", stats_dir, apply=True)
+    moved = read_result(tmp_path / "results" / "tiny" / "cal-a" / "mone-ranking__removed4" / "t.json")
+    assert moved["criterion"] == "mone-ranking" and moved["replacement"] == "reroute" and moved["kept"] == kept
+    assert not (tmp_path / "results" / "tiny" / "cal-a" / "mone__removed4").exists()
+    assert (tmp_path / "results" / "tiny" / "cal-a" / "mone__removed2").exists()
