@@ -7,6 +7,7 @@ The core, at the top of the package, is what the paper is about:
     expert_scores(stats, "man")                 S(b, alpha, beta) = N_j^-b sum_t g^alpha ||f||^beta
     keep = select_experts(scores, ratio=0.25)   the lowest-scoring experts of every layer go
     mask_experts(model, keep) / prune_experts(model, keep) / save_pruned(...)
+    replace_with_novices(model, keep, stats)    MoNE's evaluation: pruned experts return their mean output
     expert_damage(model, batches)               the measured damage the formulation estimates
 
 `moepaper.pipeline` runs the paper (calibration data, lm-eval evaluation, the sweep and its
@@ -16,12 +17,15 @@ default model (its corpus, training and lm-eval tasks) and tiny models for tests
 
 from .architecture import MoELayer, UnsupportedModelError, find_moe_layers
 from .criteria import (
+    AIMER,
     CRITERIA,
     MONE,
+    MONE_RANKING,
     NAMED_CRITERIA,
     Criterion,
     ExpertScores,
     StatisticCriterion,
+    WeightCriterion,
     criterion_grid,
     expert_scores,
     get_criterion,
@@ -29,7 +33,7 @@ from .criteria import (
 )
 from .damage import ExpertDamage, damage_correlation, expert_damage
 from .provenance import package_version
-from .pruning import KeptExperts, mask_experts, prune_experts, save_pruned, select_experts
+from .pruning import KeptExperts, mask_experts, prune_experts, replace_with_novices, save_pruned, select_experts
 from .statistics import ExpertStatistics, NonFiniteActivationError, StatisticsMismatchError, collect_statistics
 
 __version__ = package_version() or "0+unknown"
@@ -45,6 +49,9 @@ __all__ = [
     "CRITERIA",
     "NAMED_CRITERIA",
     "MONE",
+    "MONE_RANKING",
+    "AIMER",
+    "WeightCriterion",
     "Criterion",
     "StatisticCriterion",
     "ExpertScores",
@@ -56,6 +63,7 @@ __all__ = [
     "select_experts",
     "prune_experts",
     "mask_experts",
+    "replace_with_novices",
     "save_pruned",
     "ExpertDamage",
     "expert_damage",

@@ -3,6 +3,7 @@
     keep = select_experts(scores, ratio=...)  kept expert indices per MoE layer (`KeptExperts`)
     prune_experts(model, keep)                slices the model in place; it saves as a normal checkpoint
     mask_experts(model, keep)                 context manager: the pruned model's logits, no weights copied
+    replace_with_novices(model, keep, stats)  context manager: pruned experts return their mean output (MoNE)
     save_pruned(model, tok, path, keep)       save_pretrained + ``moepaper_pruning.json`` (provenance)
 
 `select_experts` takes everything it needs from `ExpertScores` (layers, expert counts, top-k,
@@ -70,9 +71,9 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .architecture import MoELayer, UnsupportedModelError, expert_count_keys, find_moe_layers
-from .criteria import ExpertScores
+from .criteria import ExpertScores, novice_outputs
 from .provenance import versions
-from .statistics import StatisticsMismatchError
+from .statistics import ExpertStatistics, StatisticsMismatchError
 
 PROVENANCE_FILE = "moepaper_pruning.json"
 
@@ -659,6 +660,83 @@ def _restore_forward(router: nn.Module, previous) -> None:
         del router.forward
     else:
         router.forward = previous
+
+
+# --- novices (MoNE) -------------------------------------------------------------------------
+
+_NOVICE = "_moepaper_novice"
+
+
+def _novice_forward(experts: nn.Module, forward, removed: torch.Tensor, table: torch.Tensor):
+    """`forward` with the routed slots of removed experts answered by their novice.
+
+    removed: (E,) bool; table: (E, H) float64 novice outputs, zero rows for kept experts; the novice
+    term is computed in the output's dtype, float32 at least.
+    """
+
+    @functools.wraps(forward)
+    def novice(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        pruned = removed.to(top_k_index.device)[top_k_index]  # (T, k) slots routed to a removed expert
+        out = forward(hidden_states, top_k_index, top_k_weights.masked_fill(pruned, 0), *args, **kwargs)
+        dtype = torch.promote_types(out.dtype, torch.float32)
+        rows = table.to(device=out.device, dtype=dtype)[top_k_index]  # (T, k, H), zero for kept experts
+        term = (top_k_weights.to(dtype).unsqueeze(-1) * rows).sum(-2)  # sum over slots of g * mean, (T, H)
+        return (out.to(dtype) + term.view(out.shape)).to(out.dtype)
+
+    setattr(novice, _NOVICE, True)
+    return novice
+
+
+@contextmanager
+def replace_with_novices(model: nn.Module, keep: Keep, stats: ExpertStatistics, *,
+                         layers: list[MoELayer] | None = None):
+    """MoNE's evaluation: replace each expert not in `keep` by a "novice" while the context is open.
+
+    A novice is a constant vector, the expert's mean un-gated output over the calibration
+    tokens routed to it (`criteria.novice_outputs(stats)`: ``output_sum / count``; zero for an
+    expert no calibration token reached). Routing is unchanged: the router still selects a
+    removed expert, and for each routed (token, slot) pair of a removed expert the layer adds
+    ``top_k_weight * novice`` instead of the expert's output; kept experts, shared experts
+    (never pruned) and the router are untouched (MoNE, arXiv 2507.00390). Compare
+    `mask_experts`, which takes removed experts out of routing instead.
+
+    keep: kept experts per MoE layer, checked as by `mask_experts`. stats: statistics of this
+    model (`StatisticsMismatchError` otherwise). Implemented at the experts module's call
+    ``experts(hidden, top_k_index, top_k_weights)``: its forward is wrapped to run with the
+    removed slots' weights set to 0 and to add the novice term, in float32 (float64 for a
+    float64 model) and cast back to the model's dtype, so it works for every layout of `architecture.SUPPORTED_FAMILIES`
+    (gpt-oss's transposed, interleaved, biased experts included: the weight multiplies the
+    whole expert output, bias included). A removed expert is still computed with weight 0, so
+    its output must be finite (NaN/Inf times 0 is NaN). Layers keeping every expert are not
+    touched, so keeping everything leaves the model exactly as it was. On exit each experts
+    module's forward is restored, whether or not the body raised. Contexts do not nest on one
+    layer (RuntimeError); they combine with `mask_experts`.
+    """
+    layers = _model_layers(model, layers)
+    keep = _normalise_keep(layers, keep)
+    stats.check_model(model)
+    novices = novice_outputs(stats)  # (L, E, H) float64
+    wrapped = [l.layer_index for l in layers if getattr(l.experts.__dict__.get("forward"), _NOVICE, False)]
+    if wrapped:
+        raise RuntimeError(f"replace_with_novices: decoder layers {wrapped} already hold novices; leave that context first")
+    installed: list[tuple[nn.Module, object]] = []
+    try:
+        for position, (layer, kept) in enumerate(zip(layers, keep)):
+            removed = torch.ones(layer.num_experts, dtype=torch.bool)
+            removed[kept] = False
+            if not removed.any():
+                continue
+            table = novices[position, : layer.num_experts].clone()
+            table[~removed] = 0
+            experts = layer.experts
+            device = next(iter(experts.parameters())).device
+            previous = experts.__dict__.get("forward")
+            experts.forward = _novice_forward(experts, experts.forward, removed.to(device), table.to(device))
+            installed.append((experts, previous))
+        yield model
+    finally:
+        for experts, previous in reversed(installed):
+            _restore_forward(experts, previous)
 
 
 # --- saving ----------------------------------------------------------------------------------

@@ -273,8 +273,13 @@ def plan_checkpoints(
     calibration = calibration or stats.metadata.get("calibration") or "unknown"
     runs = [evaluator.run(UNPRUNED, 0.0, NO_CALIBRATION, None)] if include_unpruned else []
     for criterion in resolve_criteria(criteria):
+        if criterion.replacement != "reroute":
+            raise NotImplementedError(
+                f"criterion {criterion.name!r} replaces pruned experts by novices (a constant output, routing "
+                "unchanged), which a stock pruned checkpoint cannot express: plan without it"
+            )
         for ratio in ratios:
-            keep = select_experts(expert_scores(stats, criterion), ratio=float(ratio), layers=evaluator.layers)
+            keep = select_experts(expert_scores(stats, criterion, model=model), ratio=float(ratio), layers=evaluator.layers)
             runs.append(evaluator.run(criterion, ratio, calibration, keep))
     return runs
 

@@ -23,7 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from ..criteria import CRITERIA, MONE, criterion_grid, expert_scores, resolve_criteria
+from ..criteria import AIMER, CRITERIA, MONE, MONE_RANKING, WeightCriterion, criterion_grid, expert_scores, resolve_criteria
 from ..project import check_writable
 from ..pruning import select_experts
 from ..statistics import ExpertStatistics
@@ -54,6 +54,8 @@ PALETTE = {
     "gated_ean": "#e5c494",
     "gated_squared": "#b3b3b3",
     MONE.name: "#ffd92f",
+    MONE_RANKING.name: "#fc8d62",
+    AIMER.name: "#17becf",
     "man": "#d62728",
     "msan": "#1f77b4",
 }
@@ -144,7 +146,7 @@ def plot_score_vs_ratio(df: pd.DataFrame, *, model: str | None = None, calibrati
     base = frame.loc[UNPRUNED].dropna().iloc[0] if UNPRUNED in frame.index and frame.loc[UNPRUNED].notna().any() else None
     names = [c for c in criterion_order(frame.index) if c != UNPRUNED]
     if criteria is None:
-        criteria = [c for c in names if c in CRITERIA or c == MONE.name]
+        criteria = [c for c in names if c in CRITERIA or c in (MONE.name, MONE_RANKING.name, AIMER.name)]
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     for name in criteria:
@@ -251,7 +253,11 @@ def _stats_title(stats: ExpertStatistics, what: str) -> str:
 
 
 def _named(criteria) -> list:
-    return resolve_criteria(criteria if criteria is not None else "named")
+    """The criteria to compare from statistics alone; by default the named ones that need no model
+    (AIMER scores weights) and with one MoNE (its ranking-only variant has the same scores)."""
+    if criteria is not None:
+        return resolve_criteria(criteria)
+    return [c for c in resolve_criteria("named") if not isinstance(c, WeightCriterion) and c is not MONE_RANKING]
 
 
 def _crit_name(c) -> str:

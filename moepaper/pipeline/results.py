@@ -11,7 +11,9 @@ The criterion key is its point ``S_<b>_<alpha>_<beta>`` whatever its name ("man"
 (a uniquely named temporary file renamed into place) with the process's normal
 permissions, so an interrupted run never leaves half a file. The unpruned model is one
 entry per model: calibration ``none``, criterion ``unpruned``, ``removed0``. Each file
-carries the value, the evaluation settings, the kept experts and provenance (moepaper,
+carries the value, the evaluation settings, the kept experts, how pruned experts were
+replaced (``replacement``: "reroute" or "novice"; absent in records older than novices, which
+were re-routed) and provenance (moepaper,
 lm-eval, transformers and torch versions, seed, the statistics' tensor checksum, date).
 
 A model's results folder records the evaluation settings it was made with
@@ -44,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from ..criteria import Criterion, StatisticCriterion, expert_scores, resolve_criteria
+from ..criteria import NOVICE, REROUTE, Criterion, StatisticCriterion, expert_scores, resolve_criteria
 from ..project import atomic_write, check_writable, relative_to_project
 from ..provenance import versions
 from ..statistics import ExpertStatistics
@@ -157,8 +159,10 @@ def _settings_fingerprint(suite: evaluation.Suite, limit, seed: int, backend: st
     }
 
 
-def _is_done(record: dict | None, settings: dict, stats_hash: str | None) -> bool:
+def _is_done(record: dict | None, settings: dict, stats_hash: str | None, replacement: str | None = None) -> bool:
     if record is None or record.get("status") != evaluation.OK:
+        return False
+    if replacement == NOVICE and record.get("replacement") != NOVICE:  # e.g. a masked "mone" of before novices
         return False
     if record.get("evaluation") != settings:
         return False
@@ -263,8 +267,13 @@ def sweep(
     model, tokenizer: the loaded model (evaluated in memory under `mask_experts`).
     stats: its expert statistics; results record their tensor checksum (`ExpertStatistics.checksum`,
         the same whichever file holds them) and `statistics_path`, the file they were loaded from.
-    criteria: ``"named"`` (default: the paper's named criteria + MoNE), ``"grid"`` (every
-        (b, alpha, beta) + MoNE), or a list (names, `Criterion`s, points, "mone").
+    criteria: ``"named"`` (default: the paper's named criteria + the baselines "mone", "mone-ranking"
+        and "aimer"), ``"grid"`` (every (b, alpha, beta) + the baselines), or a list (names,
+        `Criterion`s, points, "mone"). Each is evaluated as its ``replacement`` says: "mone" (MoNE
+        as published) under `replace_with_novices` (pruned experts return their mean calibration
+        output, routing unchanged), the others under `mask_experts`. AIMER scores the model's
+        weights (no calibration): at a ratio it keeps the same experts for every calibration, so
+        with reuse_identical the sweeps of the other calibrations copy its results.
     ratios: fractions of experts removed in every MoE layer (`select_experts`, scope "layer").
     suite: evaluation suite (`moepaper.pipeline.evaluation.get_suite`).
     setting: ``"task-agnostic"`` or ``"task-specific"``, stored with every result.
@@ -277,11 +286,14 @@ def sweep(
     reuse_identical: an entry whose kept experts equal those of an entry already evaluated
         (in this sweep or on disk, same model and evaluation settings) is the same model, so
         its results are copied rather than recomputed; the record names the source in
-        ``provenance.same_kept_experts_as``. Criteria often agree at a ratio, so this saves time.
+        ``provenance.same_kept_experts_as``. Novice models are the same only with the same kept
+        experts *and* statistics (their means); a re-routed and a novice model never are. Criteria often agree at a ratio, so this saves time.
     on_entry: called after each entry's files are written (``on_entry(entry, paths)``).
     backend: ``"hf"`` (default): in memory under `mask_experts`. ``"vllm"``: each entry from a
         structurally pruned checkpoint saved to disk and deleted after its evaluation
-        (`moepaper.pipeline.checkpoints`; the unpruned model from its own checkpoint).
+        (`moepaper.pipeline.checkpoints`; the unpruned model from its own checkpoint). Criteria
+        evaluated with novices ("mone") are refused there (NotImplementedError): a stock
+        checkpoint cannot express a constant expert output.
     checkpoints: options of the ``"vllm"`` backend, `checkpoints.CheckpointEvaluator`'s keywords:
         ``checkpoint_dir`` (default ``<out_dir>/../checkpoints``), ``keep_checkpoints``,
         ``base_checkpoint``, ``tensor_parallel_size``, ``gpu_memory_utilization``, ... ;
@@ -329,10 +341,17 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
            reuse_identical, on_entry, stats_hash, settings, from_disk=None) -> list[Path]:
     from tqdm.auto import tqdm
 
-    from ..pruning import mask_experts, select_experts
+    from ..pruning import mask_experts, replace_with_novices, select_experts
 
     entries = [Entry(UNPRUNED, 0.0, NO_CALIBRATION)] if include_unpruned else []
     entries += [Entry(c, float(r), calibration) for c in resolve_criteria(criteria) for r in ratios]
+    novice = sorted({e.name for e in entries if getattr(e.criterion, "replacement", REROUTE) == NOVICE})
+    if from_disk is not None and novice:
+        raise NotImplementedError(
+            f"criteria {novice} replace pruned experts by novices (a constant output per expert, routing unchanged), "
+            "which a stock pruned checkpoint cannot express: evaluate them with backend='hf', or leave them out of "
+            "the vllm sweep (criteria=[c for c in resolve_criteria('named') if c.replacement != 'novice'])"
+        )
     evaluated = _evaluated_index(Path(out_dir) / slug(model_name), settings) if reuse_identical else {}
     all_paths: list[Path] = []
     counts = {"evaluated": 0, "reused": 0, "skipped": 0}
@@ -341,16 +360,17 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
         bar.set_postfix_str(f"{entry.name} {entry.ratio:g}")
         keep = None
         if not entry.unpruned:
-            keep = select_experts(expert_scores(stats, entry.criterion), ratio=entry.ratio, layers=layers)
+            keep = select_experts(expert_scores(stats, entry.criterion, model=model), ratio=entry.ratio, layers=layers)
         removed = [0] * len(layers) if keep is None else keep.num_removed
         paths = {b.name: result_path(out_dir, model_name, entry.calibration, entry.criterion, removed, b.name) for b in suite.benchmarks}
         all_paths += paths.values()
         entry_hash = None if entry.unpruned else stats_hash
-        todo = [name for name, p in paths.items() if not _is_done(read_result(p), settings, entry_hash)]
+        replacement = None if entry.unpruned else entry.criterion.replacement
+        todo = [name for name, p in paths.items() if not _is_done(read_result(p), settings, entry_hash, replacement)]
         if not todo:
             counts["skipped"] += 1
             continue
-        kept_key = _kept_key(keep)
+        kept_key = _kept_key(keep, replacement, entry_hash)
         rows, sources, seconds, run = {}, {}, 0.0, None
         for name in todo:  # the same kept experts make the same model: reuse its results
             source = evaluated.get((kept_key, name))
@@ -366,7 +386,13 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
                 run = from_disk.run(entry.criterion, entry.ratio, entry.calibration, keep)
                 frame = from_disk.evaluate(run, keep, suite=suite, **options)
             else:
-                with nullcontext() if keep is None else mask_experts(model, keep, layers=layers):
+                if keep is None:
+                    pruned = nullcontext()
+                elif entry.criterion.replacement == NOVICE:  # MoNE as published: novices, routing unchanged
+                    pruned = replace_with_novices(model, keep, stats, layers=layers)
+                else:  # pruned experts leave routing
+                    pruned = mask_experts(model, keep, layers=layers)
+                with pruned:
                     frame = evaluation.evaluate(model, tokenizer, suite, **options)
             seconds = time.time() - started
             rows.update({row["benchmark"]: row for row in frame.to_dict("records")})
@@ -381,6 +407,7 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
                 "calibration": entry.calibration,
                 "setting": None if entry.unpruned else setting,
                 **criterion_record(entry.criterion),
+                "replacement": replacement,
                 "ratio": entry.ratio,
                 "removed": removed,
                 **{k: _jsonable(v) for k, v in row.items()},
@@ -408,9 +435,14 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
     return all_paths
 
 
-def _kept_key(keep) -> tuple:
-    """Hashable kept experts per layer; None (the unpruned model) keeps everything."""
-    return ("all",) if keep is None else tuple(tuple(int(i) for i in k) for k in keep)
+def _kept_key(keep, replacement: str | None = None, stats_hash: str | None = None) -> tuple:
+    """What makes two entries the same model: the kept experts per layer (None, the unpruned model,
+    keeps everything) and, where pruned experts become novices, the statistics their means come from
+    (a re-routed and a novice model with the same kept experts differ)."""
+    if keep is None:
+        return ("all",)
+    kept = tuple(tuple(int(i) for i in k) for k in keep)
+    return (NOVICE, stats_hash, kept) if replacement == NOVICE else kept
 
 
 def _relative(path: Path, root) -> str:
@@ -430,7 +462,8 @@ def _evaluated_index(model_dir: Path, settings: dict) -> dict:
         if not record or record.get("status") != evaluation.OK or record.get("evaluation") != settings:
             continue
         kept = record.get("kept")
-        key = _kept_key(None if kept is None else kept)
+        replacement = record.get("replacement") or REROUTE  # records without the field were re-routed
+        key = _kept_key(kept, replacement, record.get("provenance", {}).get("statistics_hash"))
         index.setdefault((key, record.get("benchmark")), {**record, "_path": _relative(path, model_dir.parent)})
     return index
 

@@ -243,7 +243,7 @@ def test_never_routed_experts_score_zero():
     assert (mone_scores(stats)[unrouted] == 0).all()
 
 
-def test_mone_is_frequency_times_output_variance(family, batch):
+def test_mone_is_routing_score_times_output_spread(family, batch):
     model = tiny_model(family, dtype=torch.float64)
     model.set_experts_implementation("eager")
     stats = collect_statistics(model, [batch], progress=False)
@@ -254,20 +254,23 @@ def test_mone_is_frequency_times_output_variance(family, batch):
     with torch.no_grad():
         model(**batch)
     h.remove()
-    hidden, idx, _ = captured[0]
+    hidden, idx, weights = captured[0]
     mask = batch["attention_mask"].reshape(-1).bool()
+    gates = {e: 0.0 for e in range(layer.num_experts)}
     for t in range(hidden.shape[0]):
         if mask[t]:
-            for e in idx[t].tolist():
+            for s, e in enumerate(idx[t].tolist()):
                 outputs[e].append(expert_output(layer.experts, e, hidden[t]).detach().double())
+                gates[e] += float(weights[t, s])
     scores = mone_scores(stats)[0]
     for e, fs in outputs.items():
-        if not fs:
+        if len(fs) < 2:  # no unbiased variance from fewer than two outputs
             assert scores[e] == 0
             continue
         f = torch.stack(fs)
-        variance = (f - f.mean(0)).pow(2).sum(-1).mean()
-        torch.testing.assert_close(scores[e], len(fs) / mask.sum().double() * variance, rtol=1e-5, atol=1e-9)
+        spread = (f - f.mean(0)).pow(2).sum(-1).sum().div(len(fs) - 1).sqrt()  # sqrt of the unbiased trace
+        want = torch.tensor(gates[e] / mask.sum().item(), dtype=torch.float64) * spread
+        torch.testing.assert_close(scores[e], want, rtol=1e-5, atol=1e-9)
 
 
 # ---------------------------------------------------------------- identity and integrity (issue 11)

@@ -1,0 +1,86 @@
+"""One-off moves of committed result folders when a criterion's meaning changes.
+
+`rename_mone_ranking(results_dir, statistics_dir)`: results written as ``mone`` before MoNE was
+evaluated with novices were MoNE's ranking with pruned experts re-routed, which is now the
+criterion ``mone-ranking``. Their folders ``<model>/<calibration>/mone__removed<n>`` move to
+``mone-ranking__removed<n>`` (and each record's ``criterion`` / ``replacement`` fields say so),
+but only where the kept experts they record are the ones ``mone-ranking`` selects today: the
+score changed with the move (the published routing score times the square root of the
+unbiased output variance, instead of routing frequency times the biased variance), and a
+folder whose kept experts differ would be taken for done by a resumed sweep. Such folders
+are left where they are; the next sweep recomputes ``mone`` there (with novices: a record
+without ``replacement`` is never taken for a novice result).
+
+    python -m moepaper.pipeline.migrations data/results/embedded data/statistics/embedded [--apply]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from ..criteria import MONE_RANKING, expert_scores
+from ..pruning import select_experts
+from ..statistics import ExpertStatistics
+from .keys import slug
+from .results import read_result, write_json_atomic
+
+OLD, NEW = "mone", MONE_RANKING.name
+
+
+def _statistics(statistics_dir: Path, calibration: str, cache: dict) -> ExpertStatistics | None:
+    if calibration not in cache:
+        path = statistics_dir / f"{slug(calibration)}.safetensors"
+        cache[calibration] = ExpertStatistics.load(path) if path.exists() else None
+    return cache[calibration]
+
+
+def rename_mone_ranking(results_dir: str | Path, statistics_dir: str | Path, *, apply: bool = False) -> dict[str, list[str]]:
+    """Move ``mone__removed*`` folders under `results_dir` to ``mone-ranking__removed*`` where their kept
+    experts equal what ``mone-ranking`` selects from the statistics ``<statistics_dir>/<calibration
+    slug>.safetensors``. Returns {"renamed": [...], "kept_differ": [...], "no_statistics": [...],
+    "target_exists": [...]} (folders); changes nothing unless `apply`."""
+    results_dir, statistics_dir = Path(results_dir), Path(statistics_dir)
+    report: dict[str, list[str]] = {"renamed": [], "kept_differ": [], "no_statistics": [], "target_exists": []}
+    cache: dict = {}
+    for folder in sorted(results_dir.rglob(f"{OLD}__removed*")):
+        if not folder.is_dir():
+            continue
+        target = folder.with_name(folder.name.replace(f"{OLD}__", f"{NEW}__", 1))
+        records = {p: read_result(p) for p in sorted(folder.glob("*.json"))}
+        records = {p: r for p, r in records.items() if r is not None}
+        if target.exists():
+            report["target_exists"].append(str(folder))
+            continue
+        first = next(iter(records.values()), None)
+        stats = None if first is None else _statistics(statistics_dir, first["calibration"], cache)
+        if stats is None:
+            report["no_statistics"].append(str(folder))
+            continue
+        kept = select_experts(expert_scores(stats, MONE_RANKING), ratio=first["ratio"])
+        if any(r.get("kept") != [k.tolist() for k in kept] for r in records.values()):
+            report["kept_differ"].append(str(folder))
+            continue
+        report["renamed"].append(str(folder))
+        if apply:
+            for path, record in records.items():
+                write_json_atomic(path, {**record, "criterion": NEW, "replacement": "reroute"})
+            shutil.move(str(folder), str(target))
+    return report
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results_dir")
+    parser.add_argument("statistics_dir")
+    parser.add_argument("--apply", action="store_true", help="move the folders (default: only report)")
+    args = parser.parse_args(argv)
+    for what, folders in rename_mone_ranking(args.results_dir, args.statistics_dir, apply=args.apply).items():
+        print(f"{what}: {len(folders)}")
+        for folder in folders:
+            print(f"  {folder}")
+
+
+if __name__ == "__main__":
+    main()
