@@ -22,7 +22,7 @@ def test_grid_counts_match_the_paper_configuration():
         assert grid["evaluations"] == len(criteria) * len(m.ratios) * len(m.calibrations) + 1
         assert grid["benchmark_runs"] == grid["evaluations"] * 14
     assert {m.name: grid_size for m in paper.models for grid_size in [budget.grid(m.name)["evaluations"]]} == {
-        "olmoe": 28, "deepseek_v2_lite": 28, "ernie": 55, "qwen3": 55}
+        "olmoe": 34, "deepseek_v2_lite": 34, "ernie": 67, "qwen3": 67}
 
 
 def test_workload_covers_the_benchmarks_lm_eval_runs():
