@@ -421,23 +421,27 @@ def rank_correlation(stats: ExpertStatistics, criteria=None) -> np.ndarray:
 
 
 def _matrix_panels(values: np.ndarray, stats: ExpertStatistics, criteria, layers, title: str, vmin: float, vmax: float, cmap: str):
+    """The mean over layers (annotated) on top; a row of chosen layers (colours only) below."""
     import seaborn as sns
 
     set_style()
     names = [display_name(_crit_name(c)) for c in _named(criteria)]
     positions = _layer_positions(stats, layers)
-    panels = [(f"layer {stats.layers[p]}", values[p]) for p in positions] + [("mean over all MoE layers", np.nanmean(values, axis=0))]
-    size = 0.42 * len(names) + 1.2
-    fig = Figure(figsize=(size * len(panels), size), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    for k, (ax, (name, matrix)) in enumerate(zip(axes[0], panels)):
-        ax.grid(False)
-        sns.heatmap(matrix, ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, cbar=k == len(panels) - 1,
-                    annot=len(names) <= 10, fmt=".2f", annot_kws={"fontsize": 6},
-                    xticklabels=names, yticklabels=names if k == 0 else False)
-        ax.set_title(name, fontsize=9)
-        ax.tick_params(axis="x", labelrotation=90, labelsize=7)
-        ax.tick_params(axis="y", labelsize=7)
+    fig = Figure(figsize=(FIGURE_WIDTH, 6.3 + 0.12 * len(names)), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.9, 1.0])
+    ax = top.subplots()
+    ax.grid(False)
+    sns.heatmap(np.nanmean(values, axis=0), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, annot=len(names) <= 10,
+                fmt=".2f", annot_kws={"fontsize": 9.5}, xticklabels=names, yticklabels=names, cbar_kws={"shrink": 0.8})
+    ax.tick_params(axis="x", labelrotation=90)
+    ax.set_title("mean over all MoE layers")
+    axes = bottom.subplots(1, len(positions), squeeze=False)[0]
+    for k, (lax, p) in enumerate(zip(axes, positions)):
+        lax.grid(False)
+        sns.heatmap(values[p], ax=lax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, cbar=False, xticklabels=False,
+                    yticklabels=False)
+        lax.set_title(f"layer {stats.layers[p]}")
+    bottom.supxlabel("single layers, same colours and criterion order as above")
     fig.suptitle(title)
     return fig
 
@@ -456,42 +460,133 @@ def plot_rank_correlation(stats: ExpertStatistics, criteria=None, *, layers: Seq
                           -1.0, 1.0, "vlag")
 
 
-def plot_frequency_vs_norm(stats: ExpertStatistics, *, ratio: float | None = 0.5):
-    """Routing frequency (share of a layer's tokens routed to the expert) against mean activation norm (MAN).
+KEPT_COLORS = {  # plot_frequency_vs_norm: which of Frequency and MAN keeps an expert (Okabe-Ito colours)
+    "both kept": "#0072B2",
+    "both pruned": "#999999",
+    "kept only by MAN": "#D55E00",
+    "kept only by Frequency": "#009E73",
+}
+KEPT_MARKERS = {"both kept": "o", "both pruned": "X", "kept only by MAN": "^", "kept only by Frequency": "s"}
 
-    Each point is an expert; colour is its layer. With `ratio`, experts that Frequency would
-    remove but MAN keeps are drawn as triangles, and the reverse as squares.
+
+def plot_frequency_vs_norm(stats: ExpertStatistics, *, ratio: float | None = 0.5):
+    """Routing frequency (share of a layer's tokens routed to the expert, log axis) against mean activation norm (MAN).
+
+    Each point is an expert of any MoE layer. With `ratio`, its colour and marker say which of
+    Frequency and MAN keep it at that ratio (`KEPT_COLORS`); experts never routed are drawn at
+    the axis' left edge. The title gives the mean within-layer Spearman correlation.
     """
-    import seaborn as sns
+    from scipy.stats import spearmanr
 
     set_style()
     frequency = (stats.count / stats.tokens.unsqueeze(-1).clamp(min=1)).numpy()  # (L, E)
     man = expert_scores(stats, "man").numpy()
-    rows = []
     kept_f = kept_m = None
     if ratio is not None:
         kept_f = select_experts(expert_scores(stats, "frequency"), ratio=ratio)
         kept_m = select_experts(expert_scores(stats, "man"), ratio=ratio)
+    rows = []
     for l in range(stats.num_layers):
+        in_f = set(kept_f[l].tolist()) if kept_f is not None else set()
+        in_m = set(kept_m[l].tolist()) if kept_m is not None else set()
         for j in range(stats.num_experts[l]):
-            kind = "both agree"
-            if kept_f is not None:
-                in_f, in_m = j in set(kept_f[l].tolist()), j in set(kept_m[l].tolist())
-                kind = "both agree" if in_f == in_m else ("kept by MAN only" if in_m else "kept by Frequency only")
+            if ratio is None:
+                kind = "expert"
+            elif j in in_f and j in in_m:
+                kind = "both kept"
+            elif j in in_m:
+                kind = "kept only by MAN"
+            elif j in in_f:
+                kind = "kept only by Frequency"
+            else:
+                kind = "both pruned"
             rows.append({"layer": stats.layers[l], "frequency": frequency[l, j], "MAN": man[l, j], "kind": kind})
     frame = pd.DataFrame(rows)
-    fig = Figure(figsize=(6, 4.2), layout="constrained")
+    positive = frame["frequency"][frame["frequency"] > 0]
+    floor = positive.min() / 2 if len(positive) else 1e-6
+    never = int((frame["frequency"] <= 0).sum())
+    frame["shown"] = frame["frequency"].clip(lower=floor)
+    fig = Figure(figsize=(FIGURE_WIDTH, 4.6), layout="constrained")
     ax = fig.subplots()
-    sns.scatterplot(frame, x="frequency", y="MAN", hue="layer", style="kind", palette="crest", ax=ax,
-                    markers={"both agree": "o", "kept by MAN only": "^", "kept by Frequency only": "s"}, s=40)
-    from scipy.stats import spearmanr
-
+    kinds = list(KEPT_COLORS) if ratio is not None else ["expert"]
+    for kind in kinds:
+        part = frame[frame["kind"] == kind]
+        ax.scatter(part["shown"], part["MAN"], s=30, color=KEPT_COLORS.get(kind, "#0072B2"), marker=KEPT_MARKERS.get(kind, "o"),
+                   label=f"{kind} ({len(part)})", edgecolors="white", linewidths=0.4, alpha=0.9)
+    ax.set_xscale("log")
     rhos = [spearmanr(frequency[l, : stats.num_experts[l]], man[l, : stats.num_experts[l]]).statistic for l in range(stats.num_layers)]
-    ax.set_xlabel("routing frequency N_j / N (share of the layer's tokens)")
+    ax.set_xlabel("routing frequency N_j / N (share of the layer's tokens, log scale)"
+                  + (f"; {never} never routed, at the left edge" if never else ""))
     ax.set_ylabel("mean activation norm (MAN)")
-    ax.set_title(_stats_title(stats, "routing frequency vs MAN") + f"\nmean within-layer Spearman ρ = {np.nanmean(rhos):.2f}",
-                 fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(_stats_title(stats, "routing frequency vs MAN") + f"\nmean within-layer Spearman ρ = {np.nanmean(rhos):.2f}"
+                 + (f"; kept sets at {ratio:.0%} removed" if ratio is not None else ""))
+    if ratio is not None:
+        fig.legend(loc="outside lower center", ncol=2)
+    return fig
+
+
+def damage_intervals(correlations: pd.DataFrame, *, measure: str | None = None, level: float = 0.95,
+                     resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Mean within-layer Spearman ρ of each criterion with measured damage, with a bootstrap interval.
+
+    correlations: `moepaper.damage.damage_correlation` rows (columns criterion, measure, layer,
+    rho), optionally with setting, calibration and evaluation columns. A unit is one
+    (calibration, evaluation, layer) correlation; the interval is the percentile bootstrap of the
+    mean over units (units resampled with replacement, `resamples` times, fixed `seed`).
+    Returns one row per (measure, setting, criterion): mean, low, high, units.
+    """
+    frame = correlations if measure is None else correlations[correlations["measure"] == measure]
+    frame = frame.assign(setting=frame["setting"] if "setting" in frame else "all").dropna(subset=["rho"])
+    rng = np.random.default_rng(seed)
+    rows = []
+    tail = (1 - level) / 2
+    for (m, setting, criterion), group in frame.groupby(["measure", "setting", "criterion"], sort=True):
+        values = group["rho"].to_numpy(dtype=float)
+        means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+        rows.append({"measure": m, "setting": setting, "criterion": criterion, "mean": values.mean(),
+                     "low": float(np.quantile(means, tail)), "high": float(np.quantile(means, 1 - tail)), "units": len(values)})
+    return pd.DataFrame(rows)
+
+
+def _point_label(name: str) -> str:
+    point = next((c.point for c in criterion_grid() if c.name == name), None)
+    shown = display_name(name) if name in CRITERIA or name == MONE.name else ""
+    return f"{shown} {point}".strip() if point else (shown or name)
+
+
+def plot_damage_correlation(correlations: pd.DataFrame, *, measure: str = "loss_change", title: str | None = None):
+    """Criteria sorted by their mean within-layer Spearman ρ with the measured damage, one panel per setting.
+
+    Dots: the mean over (calibration, evaluation, layer) units; bars: 95% percentile bootstrap
+    interval over those units (`damage_intervals`). Criteria are sorted by their mean over the
+    settings (best at the top); MAN and MSAN in their colours, other criteria grey.
+    """
+    set_style()
+    intervals = damage_intervals(correlations, measure=measure)
+    if intervals.empty:
+        raise ValueError(f"plot_damage_correlation: no correlation with measure {measure!r}")
+    settings = [s for s in ("matched", "mismatched", "mixed") if s in set(intervals["setting"])]
+    settings += sorted(set(intervals["setting"]) - set(settings))
+    order = intervals.groupby("criterion")["mean"].mean().sort_values().index.tolist()  # best last: drawn at the top
+    fig = Figure(figsize=(FIGURE_WIDTH, 0.28 * len(order) + 1.6), layout="constrained")
+    axes = fig.subplots(1, len(settings), sharey=True, squeeze=False)[0]
+    y = {name: k for k, name in enumerate(order)}
+    for ax, setting in zip(axes, settings):
+        part = intervals[intervals["setting"] == setting]
+        for _, row in part.iterrows():
+            name = row["criterion"]
+            color = PALETTE[name] if name in NEW_CRITERIA else ("#4d4d4d" if name in CRITERIA or name == MONE.name else "#9e9e9e")
+            ax.plot([row["low"], row["high"]], [y[name]] * 2, color=color, linewidth=1.6)
+            ax.plot([row["mean"]], [y[name]], marker="o", color=color, markersize=6)
+        ax.axvline(0, color="#555555", linewidth=0.8)
+        units = int(part["units"].max()) if len(part) else 0
+        ax.set_title(f"{setting}\n({units} units)")
+        ax.set_xlabel("Spearman ρ")
+        ax.grid(axis="y", visible=False)
+    axes[0].set_yticks(range(len(order)), [_point_label(n) for n in order])
+    axes[0].set_ylim(-0.7, len(order) - 0.3)
+    what = measure.replace("_", " ")
+    fig.suptitle(title or f"criterion score vs measured damage ({what}): mean within-layer ρ, 95% bootstrap interval")
     return fig
 
 
