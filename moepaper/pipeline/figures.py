@@ -37,12 +37,10 @@ from ..statistics import ExpertStatistics
 from .results import UNPRUNED, slug
 from .tables import (
     AVERAGE,
-    AVERAGE_RANK,
     NEW_CRITERIA,
     _select,
     criterion_order,
     display_name,
-    rank_table,
     results_table,
     write_tables,
 )
@@ -118,7 +116,8 @@ def small_text(fig) -> list[tuple[str, float]]:
 def enforce_readable(fig) -> int:
     """Enlarge every text of `fig` under the readable minimum to it; the number of texts enlarged.
 
-    Enlarging text can widen the figure (and so raise the minimum): repeated until none is small.
+    Enlarging text can widen the figure (and so raise the minimum): repeated until none is small,
+    at most 5 times (then a warning names the text still small).
     """
     changed = set()
     for _ in range(5):
@@ -129,7 +128,11 @@ def enforce_readable(fig) -> int:
         for t in small:
             t.set_fontsize(least)
             changed.add(id(t))
-    raise ValueError(f"enforce_readable: figure still has text under {least:.1f} pt after enlarging it 5 times")
+    import warnings
+
+    warnings.warn(f"enforce_readable: text still under {least:.1f} pt after enlarging it 5 times (the figure grows with it): "
+                  f"{[t.get_text()[:30] for t in small][:5]}; draw it narrower", stacklevel=2)
+    return len(changed)
 
 
 def criterion_color(name: str) -> str:
@@ -605,16 +608,20 @@ def write_report(
 
     df: `load_results` output. statistics: calibration name -> its `ExpertStatistics`
     (figures from statistics: kept-set overlap at `overlap_ratio`, rank correlation,
-    frequency vs MAN). Figures from results: the grid heatmap per (calibration, ratio)
+    frequency vs MAN). Figures from results: the grid heatmap per (calibration, ratio), as change
+    from the unpruned model on one colour scale for all of them (none without unpruned scores),
     and score vs ratio per calibration. `out_dir` is checked for writing before any figure is drawn.
     """
     check_writable(out_dir)
-    pruned, _ = _select(df, model, None, None)
+    pruned, unpruned = _select(df, model, None, None)
     model = model or pruned["model"].iloc[0]
     written = write_tables(df, out_dir, model=model)
+    limits = grid_limits(df, model=model) if not unpruned.empty else None  # one colour scale for every heatmap
     for calibration, group in pruned.groupby("calibration", sort=True):
         for ratio in sorted(group["ratio"].unique()):
-            fig = plot_grid_heatmap(df, model=model, calibration=calibration, ratio=ratio)
+            if limits is None:  # no unpruned scores: no change from them to draw
+                continue
+            fig = plot_grid_heatmap(df, model=model, calibration=calibration, ratio=ratio, limits=limits)
             written += save_figure(fig, f"grid_heatmap__{slug(model)}__{slug(calibration)}__{ratio:g}", out_dir)
         fig = plot_score_vs_ratio(df, model=model, calibration=calibration)
         written += save_figure(fig, f"score_vs_ratio__{slug(model)}__{slug(calibration)}", out_dir)
