@@ -4,11 +4,19 @@ Figures (one style, `set_style`; saved as PNG and PDF by `save_figure`, with no 
 so the bytes are reproducible) are plain `matplotlib.figure.Figure` objects, never attached
 to pyplot or a GUI backend (what the Agg backend does): nothing leaks between figures, and
 a notebook shows one returned as a cell's value.
-- `plot_grid_heatmap`: the whole criterion grid, rows b, columns (alpha, beta).
-- `plot_score_vs_ratio`: average score against the fraction of experts removed.
+Every figure is drawn to be read when shown `TEXT_WIDTH_CM` (16 cm) wide: no text under
+`MIN_POINTS` (9 pt) at that size, i.e. a figure W inches wide needs fonts of at least
+9 * W / 6.3 pt (`min_font_size`). `save_figure` enforces it: text under the minimum is
+enlarged before saving (`small_text` lists it; the tests check every figure function draws none).
+- `plot_grid_heatmap`: the whole criterion grid as change from the unpruned model, accuracy
+  and bits per byte side by side, rows (alpha, beta), columns b, one diverging scale per report.
+- `plot_score_vs_ratio`: average score against the fraction of experts removed, with standard errors.
 - `plot_kept_overlap`: Jaccard overlap of the kept expert sets between criteria, per layer.
 - `plot_rank_correlation`: Spearman correlation of criteria's expert scores within layers.
-- `plot_frequency_vs_norm`: routing frequency against mean activation norm, per expert.
+- `plot_frequency_vs_norm`: routing frequency (log) against mean activation norm, per expert,
+  coloured by which of Frequency and MAN keeps it.
+- `plot_damage_correlation`: criteria sorted by their Spearman correlation with measured
+  damage (notebook 03), with bootstrap intervals over layers.
 - `plot_rank_intervals`: average ranks with bootstrap intervals, per setting, models side by side.
 `write_report` writes every table (`moepaper.pipeline.tables`) and figure of one model.
 """
@@ -30,13 +38,11 @@ from ..statistics import ExpertStatistics
 from .results import UNPRUNED, slug
 from .tables import (
     AVERAGE,
-    AVERAGE_RANK,
     NEW_CRITERIA,
     _select,
     SETTING_ORDER,
     criterion_order,
     display_name,
-    rank_table,
     results_table,
     write_tables,
 )
@@ -61,12 +67,76 @@ PALETTE = {
 }
 
 
+# Readability: a figure is read at `TEXT_WIDTH_CM` wide (a page's text width, a slide) with no
+# text under `MIN_POINTS` at that size. Figures are drawn `FIGURE_WIDTH` inches wide, the fonts
+# of `set_style` are above the minimum for that width.
+TEXT_WIDTH_CM = 16.0
+MIN_POINTS = 9.0
+FIGURE_WIDTH = 6.3  # inches: 16 cm
+PAD_INCHES = 0.03  # around the tight bounding box of a saved figure
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p")
+
+
 def set_style() -> None:
-    """The one figure style of the package (seaborn whitegrid, paper context, colourblind palette)."""
+    """The one figure style of the package (seaborn whitegrid, colourblind palette, fonts >= 9.5 pt)."""
     import seaborn as sns
 
-    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1,
-                  rc={"figure.dpi": 110, "savefig.bbox": "tight", "axes.titleweight": "bold", "legend.frameon": False})
+    sns.set_theme(context="paper", style="whitegrid", palette="colorblind",
+                  rc={"figure.dpi": 110, "savefig.bbox": "tight", "savefig.pad_inches": PAD_INCHES,
+                      "axes.titleweight": "bold", "legend.frameon": False,
+                      "font.size": 10, "axes.titlesize": 10.5, "axes.labelsize": 10, "xtick.labelsize": 9.5,
+                      "ytick.labelsize": 9.5, "legend.fontsize": 9.5, "legend.title_fontsize": 10,
+                      "figure.titlesize": 11})
+
+
+def min_font_size(width_inches: float) -> float:
+    """Smallest font (pt) readable in a figure `width_inches` wide shown `TEXT_WIDTH_CM` wide."""
+    return MIN_POINTS * width_inches / (TEXT_WIDTH_CM / 2.54)
+
+
+def figure_width(fig) -> float:
+    """Width (inches) of `fig` as `save_figure` writes it: its tight bounding box plus the padding."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):  # a plain Figure: the canvas savefig would use
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()  # lays the figure out (constrained layout) as saving does
+    return fig.get_tightbbox(fig.canvas.get_renderer()).width + 2 * PAD_INCHES
+
+
+def _texts(fig) -> list:
+    from matplotlib.text import Text
+
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+def small_text(fig) -> list[tuple[str, float]]:
+    """(text, font size) of every visible text of `fig` under `min_font_size(figure_width(fig))`."""
+    least = min_font_size(figure_width(fig))
+    return [(t.get_text(), t.get_fontsize()) for t in _texts(fig) if t.get_fontsize() < least - 1e-9]
+
+
+def enforce_readable(fig) -> int:
+    """Enlarge every text of `fig` under the readable minimum to it; the number of texts enlarged.
+
+    Enlarging text can widen the figure (and so raise the minimum): repeated until none is small,
+    at most 5 times (then a warning names the text still small).
+    """
+    changed = set()
+    for _ in range(5):
+        least = min_font_size(figure_width(fig))
+        small = [t for t in _texts(fig) if t.get_fontsize() < least - 1e-9]
+        if not small:
+            return len(changed)
+        for t in small:
+            t.set_fontsize(least)
+            changed.add(id(t))
+    import warnings
+
+    warnings.warn(f"enforce_readable: text still under {least:.1f} pt after enlarging it 5 times (the figure grows with it): "
+                  f"{[t.get_text()[:30] for t in small][:5]}; draw it narrower", stacklevel=2)
+    return len(changed)
 
 
 def criterion_color(name: str) -> str:
@@ -80,88 +150,212 @@ def criterion_color(name: str) -> str:
 
 
 def save_figure(fig, name: str, out_dir: str | Path) -> list[Path]:
-    """Save `fig` as `name`.png (150 dpi) and `name`.pdf under `out_dir`."""
+    """Save `fig` as `name`.png (150 dpi) and `name`.pdf under `out_dir`, readable at 16 cm wide.
+
+    Text under the readable minimum (`min_font_size` of the saved width) is enlarged first
+    (`enforce_readable`), so no saved figure has text under 9 pt when shown 16 cm wide.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    enforce_readable(fig)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1], metadata={"CreationDate": None, "ModDate": None})  # reproducible PDF bytes
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight", pad_inches=PAD_INCHES)
+    fig.savefig(paths[1], bbox_inches="tight", pad_inches=PAD_INCHES,
+                metadata={"CreationDate": None, "ModDate": None})  # reproducible PDF bytes
     return paths
 
 
 # ---------------------------------------------------------------- figures from results
 
 
-def plot_grid_heatmap(df: pd.DataFrame, *, model: str | None = None, calibration: str, ratio: float,
-                      value: str = AVERAGE, benchmarks: Sequence[str] | None = None):
-    """Heatmap of the criterion grid: rows b, columns (alpha, beta); cells the average score (or rank).
+def _lower_is_better(table: pd.DataFrame) -> list[str]:
+    """Benchmarks of a results table that ran and whose lower score is better (bits per byte)."""
+    info = table.attrs["info"]
+    return [c for c in info.index if not info.loc[c, "higher_is_better"] and info.loc[c, "status"] == "ok"]
 
-    value: `AVERAGE` (mean score over benchmarks) or `AVERAGE_RANK`. Grid points not evaluated
-    are blank; (1, 0, 0), constant for every routed expert, is marked "const".
+
+def grid_changes(df: pd.DataFrame, *, model: str | None = None, calibration: str, ratio: float,
+                 benchmarks: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per criterion: change from the unpruned model of the mean accuracy and of the mean bits per byte.
+
+    Columns "accuracy" (`AVERAGE` minus the unpruned `AVERAGE`, points) and "bits per byte"
+    (mean over the lower-is-better benchmarks that ran, minus the unpruned mean; NaN when none ran).
+    Raises ValueError when the unpruned model was not evaluated.
+    """
+    table = results_table(df, model=model, calibration=calibration, ratio=ratio, benchmarks=benchmarks)
+    if UNPRUNED not in table.index:
+        raise ValueError("grid_changes: the unpruned model was not evaluated; a change from it needs its scores")
+    lower = _lower_is_better(table)
+    bpb = table[lower].mean(axis=1, skipna=False) if lower else pd.Series(np.nan, index=table.index)
+    changes = pd.DataFrame({"accuracy": table[AVERAGE] - table.loc[UNPRUNED, AVERAGE],
+                            "bits per byte": bpb - bpb[UNPRUNED]}).drop(index=UNPRUNED)
+    changes.attrs.update(table.attrs, lower=lower)
+    return changes
+
+
+def grid_limits(df: pd.DataFrame, *, model: str | None = None, benchmarks: Sequence[str] | None = None) -> dict[str, float]:
+    """One colour limit per panel of `plot_grid_heatmap` over every (calibration, ratio) of `model`:
+    the largest absolute change, so the heatmaps of one report share their scales."""
+    pruned, _ = _select(df, model, None, None)
+    limits = {"accuracy": 0.0, "bits per byte": 0.0}
+    for (calibration, ratio), _group in pruned.groupby(["calibration", "ratio"], sort=True):
+        changes = grid_changes(df, model=model, calibration=calibration, ratio=ratio, benchmarks=benchmarks)
+        for column in limits:
+            largest = changes[column].abs().max()
+            if not pd.isna(largest):
+                limits[column] = max(limits[column], float(largest))
+    return {k: v if v > 0 else 1.0 for k, v in limits.items()}
+
+
+def accuracy_stderr(df: pd.DataFrame, table: pd.DataFrame) -> pd.Series:
+    """Standard error (points) of each row's `AVERAGE` in a results table, from the item counts.
+
+    Each benchmark's accuracy p over n items has standard error sqrt(p (1 - p) / n); the mean of
+    k benchmarks (independent items) has sqrt(sum of their squares) / k. NaN where n is unknown.
+    """
+    averaged = table.attrs["averaged"]
+    model = table.attrs["model"]
+    rows = df[(df["model"] == model) & df["benchmark"].isin(averaged) & (df["status"] == "ok")]
+    out = {}
+    for criterion in table.index:
+        mine = rows[rows["criterion"] == criterion]
+        if criterion != UNPRUNED:
+            mine = mine[(mine["calibration"] == table.attrs["calibration"]) & np.isclose(mine["ratio"], table.attrs["ratio"])]
+        n = mine.drop_duplicates("benchmark").set_index("benchmark")["n"].reindex(averaged).astype(float)
+        p = table.loc[criterion, averaged].astype(float) / 100.0
+        out[criterion] = 100.0 * float(np.sqrt((p * (1 - p) / n).sum(min_count=len(averaged)))) / len(averaged) if averaged else np.nan
+    return pd.Series(out, dtype=float)
+
+
+def _cell_name(name: str) -> str:
+    return display_name(name) if name in CRITERIA else ""
+
+
+def plot_grid_heatmap(df: pd.DataFrame, *, model: str | None = None, calibration: str, ratio: float,
+                      benchmarks: Sequence[str] | None = None, limits: dict[str, float] | None = None):
+    """The criterion grid as change from the unpruned model: accuracy and bits per byte side by side.
+
+    Each panel: rows (alpha, beta), columns b; a cell is the criterion's mean over the
+    benchmarks minus the unpruned model's (accuracy in points, higher is better; bits per byte,
+    lower is better), on a diverging scale centred at 0 with red = worse in both panels.
+    limits: panel -> colour limit (default `grid_limits`: the largest change over every
+    (calibration, ratio) of the model, so all heatmaps of one report share their scales).
+    The caption under the panels gives the standard error of a cell (`accuracy_stderr`) and MoNE's
+    changes (outside the grid). Grid points not evaluated are blank; (1, 0, 0), constant for
+    every routed expert, is hatched.
     """
     import seaborn as sns
 
     set_style()
+    changes = grid_changes(df, model=model, calibration=calibration, ratio=ratio, benchmarks=benchmarks)
+    limits = limits or grid_limits(df, model=model, benchmarks=benchmarks)
     table = results_table(df, model=model, calibration=calibration, ratio=ratio, benchmarks=benchmarks)
-    values = table[AVERAGE] if value == AVERAGE else rank_table(table)[AVERAGE_RANK]
     pruned, _ = _select(df, model, calibration, ratio)
     points = pruned.dropna(subset=["b"]).drop_duplicates("criterion").set_index("criterion")[["b", "alpha", "beta"]]
-    columns = [(a, be) for a in (0, 1, 2) for be in (0, 1, 2)]
-    grid = pd.DataFrame(np.nan, index=[0, 1], columns=pd.MultiIndex.from_tuples(columns, names=["α", "β"]))
-    names = pd.DataFrame("", index=[0, 1], columns=grid.columns)
-    for name, (b, a, be) in points.iterrows():
-        if name in values.index:
-            grid.loc[int(b), (int(a), int(be))] = values[name]
-            names.loc[int(b), (int(a), int(be))] = display_name(name) if name in CRITERIA else ""
-    annotations = grid.map(lambda v: "" if pd.isna(v) else (f"{v:.1f}" if value == AVERAGE else f"{v:.2f}"))
-    annotations = annotations + names.map(lambda n: f"\n{n}" if n else "")
-    fig = Figure(figsize=(10.5, 3), layout="constrained")
-    ax = fig.subplots()
-    cmap = "viridis" if value == AVERAGE else "viridis_r"
-    sns.heatmap(grid.astype(float), annot=annotations.values, fmt="", cmap=cmap, ax=ax, linewidths=0.5,
-                annot_kws={"fontsize": 8}, cbar_kws={"label": "average score" if value == AVERAGE else "average rank (1 = best)"})
-    ax.grid(False)
-    const = columns.index((0, 0))  # (b=1, alpha=0, beta=0) is the constant 1
-    ax.add_patch(Rectangle((const, 1), 1, 1, facecolor="#e0e0e0", edgecolor="white", hatch="//"))
-    ax.text(const + 0.5, 1.5, "constant", ha="center", va="center", fontsize=8, color="#555555")
-    ax.set_xticklabels([f"({a},{be})" for a, be in columns])
-    ax.set_xlabel("(α, β): gate exponent, activation-norm exponent")
-    ax.set_ylabel("b (1 = routed-token average)")
-    unpruned = table.loc[UNPRUNED, AVERAGE] if UNPRUNED in table.index and value == AVERAGE else None
-    extra = f"; unpruned {unpruned:.1f}" if unpruned is not None and not pd.isna(unpruned) else ""
-    what = f"average of {averages_of(df, model=model, calibration=calibration, ratio=ratio, benchmarks=benchmarks)}" \
-        if value == AVERAGE else "average rank over benchmarks"
-    ax.set_title(f"{table.attrs['model']}: {calibration}, {ratio:.0%} experts removed{extra}\ncells: {what}", fontsize=10)
+    rows = [(a, be) for a in (0, 1, 2) for be in (0, 1, 2)]
+    panels = [("accuracy", "Δ mean accuracy (points)", "RdBu", "{:+.1f}"),
+              ("bits per byte", "Δ mean bits per byte", "RdBu_r", "{:+.3f}")]
+    fig = Figure(figsize=(FIGURE_WIDTH, 6.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for k, (ax, (column, label, cmap, fmt)) in enumerate(zip(axes, panels)):
+        grid = np.full((len(rows), 2), np.nan)
+        text = np.full((len(rows), 2), "", dtype=object)
+        for name, (b, a, be) in points.iterrows():
+            if name in changes.index and not pd.isna(changes.loc[name, column]):
+                value = changes.loc[name, column]
+                grid[rows.index((int(a), int(be))), int(b)] = value
+                text[rows.index((int(a), int(be))), int(b)] = fmt.format(value) + (f"\n{_cell_name(name)}" if _cell_name(name) else "")
+        limit = limits.get(column, 1.0)
+        sns.heatmap(grid, annot=text, fmt="", cmap=cmap, vmin=-limit, vmax=limit, center=0, ax=ax, linewidths=0.5,
+                    annot_kws={"fontsize": 9.5}, cbar_kws={"label": label, "orientation": "horizontal", "pad": 0.02},
+                    xticklabels=["b=0", "b=1"], yticklabels=[f"({a},{be})" for a, be in rows] if k == 0 else False)
+        ax.grid(False)
+        ax.xaxis.tick_top()
+        ax.tick_params(axis="y", labelrotation=0)
+        const = rows.index((0, 0))
+        ax.add_patch(Rectangle((1, const), 1, 1, facecolor="#e0e0e0", edgecolor="white", hatch="//"))
+        ax.text(1.5, const + 0.5, "constant", ha="center", va="center", fontsize=9.5, color="#555555")
+        ax.set_title(("accuracy" if column == "accuracy" else "bits per byte") + (" (higher is better)" if column == "accuracy" else " (lower is better)"))
+        if k == 0:
+            ax.set_ylabel("(α, β): gate exponent, activation-norm exponent")
+    fig.suptitle(f"{table.attrs['model']}: change from unpruned, {short_calibration(calibration)}, {ratio:.0%} of experts removed")
+    fig.supxlabel(grid_caption(df, table, changes), fontsize=9.5, ha="left", x=0.0, multialignment="left")
     return fig
+
+
+def grid_caption(df: pd.DataFrame, table: pd.DataFrame, changes: pd.DataFrame) -> str:
+    """The caption of a grid heatmap: what a cell is, its standard error, the unpruned scores, MoNE."""
+    import textwrap
+
+    info = table.attrs["info"]
+    averaged, lower = table.attrs["averaged"], changes.attrs["lower"]
+    n = df[df["benchmark"].isin(averaged) & (df["status"] == "ok")]["n"].dropna()
+    items = f"n = {int(n.min())}" if len(n) and n.min() == n.max() else (f"n = {int(n.min())}-{int(n.max())}" if len(n) else "n unknown")
+    se = accuracy_stderr(df, table).drop(index=UNPRUNED, errors="ignore").dropna()
+    se_text = f"{se.min():.1f}-{se.max():.1f}" if len(se) and se.max() - se.min() >= 0.05 else (f"{se.iloc[0]:.1f}" if len(se) else "unknown")
+    bpb_stderr = df[df["benchmark"].isin(lower)]["stderr"].dropna() if lower else pd.Series(dtype=float)
+    bpb_n = df[df["benchmark"].isin(lower)]["n"].dropna() if lower else pd.Series(dtype=float)
+    if not lower:
+        bpb = "No bits-per-byte benchmark ran."
+    elif len(bpb_stderr):
+        bpb = f"Bits per byte: standard error from the records' stderr, about {float(pd.to_numeric(bpb_stderr).mean()):.3f} per benchmark."
+    else:
+        documents = f" over {int(bpb_n.max())} documents" if len(bpb_n) else ""
+        bpb = (f"Bits per byte (mean of {', '.join(info.loc[b, 'label'] for b in lower)}): one value{documents} per benchmark, "
+               "no standard error recorded (the evaluation keeps no per-document values).")
+    unpruned = table.loc[UNPRUNED]
+    base = f"Unpruned: accuracy {unpruned[AVERAGE]:.1f}" + (f", bits per byte {unpruned[lower].mean():.3f}" if lower else "") + "."
+    mone = ""
+    if MONE.name in changes.index:
+        mone = f" MoNE (outside the grid): {changes.loc[MONE.name, 'accuracy']:+.1f} points" + (
+            f", {changes.loc[MONE.name, 'bits per byte']:+.3f} bits per byte." if lower else ".")
+    text = (f"Accuracy: mean of {', '.join(info.loc[b, 'label'] for b in averaged)} ({items} items each); standard error of a "
+            f"cell's mean accuracy {se_text} points (sqrt(p(1-p)/n) per benchmark), of a change from unpruned at most "
+            f"sqrt(2) times that. {bpb} {base}{mone}")
+    return textwrap.fill(text, 84)
 
 
 def plot_score_vs_ratio(df: pd.DataFrame, *, model: str | None = None, calibration: str,
                         criteria: Sequence[str] | None = None, benchmarks: Sequence[str] | None = None):
-    """Average score against the fraction of experts removed, one line per criterion (0 = unpruned)."""
+    """Average score against the fraction of experts removed, one line and marker per criterion (0 = unpruned).
+
+    Error bars: one standard error of the average (`accuracy_stderr`, from each benchmark's item
+    count); the criteria are spread slightly along x so the bars do not hide each other.
+    """
     set_style()
     pruned, unpruned = _select(df, model, calibration, None)
     ratios = sorted(pruned["ratio"].unique())
-    averages = {r: results_table(df, model=model, calibration=calibration, ratio=r, benchmarks=benchmarks)[AVERAGE] for r in ratios}
-    frame = pd.DataFrame(averages)  # (criterion, ratio)
-    base = frame.loc[UNPRUNED].dropna().iloc[0] if UNPRUNED in frame.index and frame.loc[UNPRUNED].notna().any() else None
+    tables = {r: results_table(df, model=model, calibration=calibration, ratio=r, benchmarks=benchmarks) for r in ratios}
+    frame = pd.DataFrame({r: t[AVERAGE] for r, t in tables.items()})  # (criterion, ratio)
+    errors = pd.DataFrame({r: accuracy_stderr(df, t) for r, t in tables.items()}).reindex(frame.index)
+    has_base = UNPRUNED in frame.index and frame.loc[UNPRUNED].notna().any()
+    base = frame.loc[UNPRUNED].dropna().iloc[0] if has_base else None
+    base_error = errors.loc[UNPRUNED].dropna().iloc[0] if has_base and errors.loc[UNPRUNED].notna().any() else np.nan
     names = [c for c in criterion_order(frame.index) if c != UNPRUNED]
     if criteria is None:
         criteria = [c for c in names if c in CRITERIA or c in (MONE.name, MONE_RANKING.name, AIMER.name)]
-    fig = Figure(figsize=(6, 4), layout="constrained")
+    criteria = [c for c in criteria if c in frame.index]
+    fig = Figure(figsize=(FIGURE_WIDTH, 5.2), layout="constrained")
     ax = fig.subplots()
-    for name in criteria:
-        if name not in frame.index:
-            continue
-        xs = ([0.0] if base is not None else []) + ratios
+    step = 100 * (ratios[-1] if ratios else 0.5) / 40  # x spread between criteria, percentage points
+    if base is not None:
+        ax.errorbar([0.0], [base], yerr=[base_error], marker="*", markersize=12, color=criterion_color(UNPRUNED), capsize=3,
+                    linestyle="none", label=display_name(UNPRUNED), zorder=4)
+    for k, name in enumerate(criteria):
+        shift = (k - (len(criteria) - 1) / 2) * step
+        xs = ([0.0] if base is not None else []) + [100 * r + shift for r in ratios]
         ys = ([base] if base is not None else []) + [frame.loc[name, r] for r in ratios]
+        es = ([0.0] if base is not None else []) + [errors.loc[name, r] for r in ratios]
         strong = name in NEW_CRITERIA
-        ax.plot(np.array(xs) * 100, ys, marker="o", color=criterion_color(name), label=display_name(name),
-                linewidth=2.4 if strong else 1.4, zorder=3 if strong else 2)
+        ax.errorbar(xs, ys, yerr=es, marker=MARKERS[k % len(MARKERS)], markersize=7 if strong else 6, capsize=2.5,
+                    color=criterion_color(name), label=display_name(name), linewidth=2.4 if strong else 1.3,
+                    zorder=3 if strong else 2, markeredgecolor="black", markeredgewidth=0.5)
     ax.set_xlabel("experts removed per MoE layer (%)")
+    ax.set_xticks([0.0] + [100 * r for r in ratios])
     averaged = averages_of(df, model=model, calibration=calibration, ratio=ratios[0], benchmarks=benchmarks)
-    ax.set_ylabel(f"average of {averaged}")
-    ax.set_title(f"{pruned['model'].iloc[0]}: {calibration}")
-    ax.legend(ncol=2, fontsize=8)
+    ax.set_ylabel(f"mean accuracy (points)\nof {averaged}")
+    ax.set_title(f"{pruned['model'].iloc[0]}: {short_calibration(calibration)} calibration; bars: ±1 standard error")
+    fig.legend(loc="outside lower center", ncol=4)
     return fig
 
 
@@ -296,23 +490,27 @@ def rank_correlation(stats: ExpertStatistics, criteria=None) -> np.ndarray:
 
 
 def _matrix_panels(values: np.ndarray, stats: ExpertStatistics, criteria, layers, title: str, vmin: float, vmax: float, cmap: str):
+    """The mean over layers (annotated) on top; a row of chosen layers (colours only) below."""
     import seaborn as sns
 
     set_style()
     names = [display_name(_crit_name(c)) for c in _named(criteria)]
     positions = _layer_positions(stats, layers)
-    panels = [(f"layer {stats.layers[p]}", values[p]) for p in positions] + [("mean over all MoE layers", np.nanmean(values, axis=0))]
-    size = 0.42 * len(names) + 1.2
-    fig = Figure(figsize=(size * len(panels), size), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    for k, (ax, (name, matrix)) in enumerate(zip(axes[0], panels)):
-        ax.grid(False)
-        sns.heatmap(matrix, ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, cbar=k == len(panels) - 1,
-                    annot=len(names) <= 10, fmt=".2f", annot_kws={"fontsize": 6},
-                    xticklabels=names, yticklabels=names if k == 0 else False)
-        ax.set_title(name, fontsize=9)
-        ax.tick_params(axis="x", labelrotation=90, labelsize=7)
-        ax.tick_params(axis="y", labelsize=7)
+    fig = Figure(figsize=(FIGURE_WIDTH, 6.3 + 0.12 * len(names)), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.9, 1.0])
+    ax = top.subplots()
+    ax.grid(False)
+    sns.heatmap(np.nanmean(values, axis=0), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, annot=len(names) <= 10,
+                fmt=".2f", annot_kws={"fontsize": 9.5}, xticklabels=names, yticklabels=names, cbar_kws={"shrink": 0.8})
+    ax.tick_params(axis="x", labelrotation=90)
+    ax.set_title("mean over all MoE layers")
+    axes = bottom.subplots(1, len(positions), squeeze=False)[0]
+    for k, (lax, p) in enumerate(zip(axes, positions)):
+        lax.grid(False)
+        sns.heatmap(values[p], ax=lax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, cbar=False, xticklabels=False,
+                    yticklabels=False)
+        lax.set_title(f"layer {stats.layers[p]}")
+    bottom.supxlabel("single layers, same colours and criterion order as above")
     fig.suptitle(title)
     return fig
 
@@ -331,42 +529,133 @@ def plot_rank_correlation(stats: ExpertStatistics, criteria=None, *, layers: Seq
                           -1.0, 1.0, "vlag")
 
 
-def plot_frequency_vs_norm(stats: ExpertStatistics, *, ratio: float | None = 0.5):
-    """Routing frequency (share of a layer's tokens routed to the expert) against mean activation norm (MAN).
+KEPT_COLORS = {  # plot_frequency_vs_norm: which of Frequency and MAN keeps an expert (Okabe-Ito colours)
+    "both kept": "#0072B2",
+    "both pruned": "#999999",
+    "kept only by MAN": "#D55E00",
+    "kept only by Frequency": "#009E73",
+}
+KEPT_MARKERS = {"both kept": "o", "both pruned": "X", "kept only by MAN": "^", "kept only by Frequency": "s"}
 
-    Each point is an expert; colour is its layer. With `ratio`, experts that Frequency would
-    remove but MAN keeps are drawn as triangles, and the reverse as squares.
+
+def plot_frequency_vs_norm(stats: ExpertStatistics, *, ratio: float | None = 0.5):
+    """Routing frequency (share of a layer's tokens routed to the expert, log axis) against mean activation norm (MAN).
+
+    Each point is an expert of any MoE layer. With `ratio`, its colour and marker say which of
+    Frequency and MAN keep it at that ratio (`KEPT_COLORS`); experts never routed are drawn at
+    the axis' left edge. The title gives the mean within-layer Spearman correlation.
     """
-    import seaborn as sns
+    from scipy.stats import spearmanr
 
     set_style()
     frequency = (stats.count / stats.tokens.unsqueeze(-1).clamp(min=1)).numpy()  # (L, E)
     man = expert_scores(stats, "man").numpy()
-    rows = []
     kept_f = kept_m = None
     if ratio is not None:
         kept_f = select_experts(expert_scores(stats, "frequency"), ratio=ratio)
         kept_m = select_experts(expert_scores(stats, "man"), ratio=ratio)
+    rows = []
     for l in range(stats.num_layers):
+        in_f = set(kept_f[l].tolist()) if kept_f is not None else set()
+        in_m = set(kept_m[l].tolist()) if kept_m is not None else set()
         for j in range(stats.num_experts[l]):
-            kind = "both agree"
-            if kept_f is not None:
-                in_f, in_m = j in set(kept_f[l].tolist()), j in set(kept_m[l].tolist())
-                kind = "both agree" if in_f == in_m else ("kept by MAN only" if in_m else "kept by Frequency only")
+            if ratio is None:
+                kind = "expert"
+            elif j in in_f and j in in_m:
+                kind = "both kept"
+            elif j in in_m:
+                kind = "kept only by MAN"
+            elif j in in_f:
+                kind = "kept only by Frequency"
+            else:
+                kind = "both pruned"
             rows.append({"layer": stats.layers[l], "frequency": frequency[l, j], "MAN": man[l, j], "kind": kind})
     frame = pd.DataFrame(rows)
-    fig = Figure(figsize=(6, 4.2), layout="constrained")
+    positive = frame["frequency"][frame["frequency"] > 0]
+    floor = positive.min() / 2 if len(positive) else 1e-6
+    never = int((frame["frequency"] <= 0).sum())
+    frame["shown"] = frame["frequency"].clip(lower=floor)
+    fig = Figure(figsize=(FIGURE_WIDTH, 4.6), layout="constrained")
     ax = fig.subplots()
-    sns.scatterplot(frame, x="frequency", y="MAN", hue="layer", style="kind", palette="crest", ax=ax,
-                    markers={"both agree": "o", "kept by MAN only": "^", "kept by Frequency only": "s"}, s=40)
-    from scipy.stats import spearmanr
-
+    kinds = list(KEPT_COLORS) if ratio is not None else ["expert"]
+    for kind in kinds:
+        part = frame[frame["kind"] == kind]
+        ax.scatter(part["shown"], part["MAN"], s=30, color=KEPT_COLORS.get(kind, "#0072B2"), marker=KEPT_MARKERS.get(kind, "o"),
+                   label=f"{kind} ({len(part)})", edgecolors="white", linewidths=0.4, alpha=0.9)
+    ax.set_xscale("log")
     rhos = [spearmanr(frequency[l, : stats.num_experts[l]], man[l, : stats.num_experts[l]]).statistic for l in range(stats.num_layers)]
-    ax.set_xlabel("routing frequency N_j / N (share of the layer's tokens)")
+    ax.set_xlabel("routing frequency N_j / N (share of the layer's tokens, log scale)"
+                  + (f"; {never} never routed, at the left edge" if never else ""))
     ax.set_ylabel("mean activation norm (MAN)")
-    ax.set_title(_stats_title(stats, "routing frequency vs MAN") + f"\nmean within-layer Spearman ρ = {np.nanmean(rhos):.2f}",
-                 fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(_stats_title(stats, "routing frequency vs MAN") + f"\nmean within-layer Spearman ρ = {np.nanmean(rhos):.2f}"
+                 + (f"; kept sets at {ratio:.0%} removed" if ratio is not None else ""))
+    if ratio is not None:
+        fig.legend(loc="outside lower center", ncol=2)
+    return fig
+
+
+def damage_intervals(correlations: pd.DataFrame, *, measure: str | None = None, level: float = 0.95,
+                     resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Mean within-layer Spearman ρ of each criterion with measured damage, with a bootstrap interval.
+
+    correlations: `moepaper.damage.damage_correlation` rows (columns criterion, measure, layer,
+    rho), optionally with setting, calibration and evaluation columns. A unit is one
+    (calibration, evaluation, layer) correlation; the interval is the percentile bootstrap of the
+    mean over units (units resampled with replacement, `resamples` times, fixed `seed`).
+    Returns one row per (measure, setting, criterion): mean, low, high, units.
+    """
+    frame = correlations if measure is None else correlations[correlations["measure"] == measure]
+    frame = frame.assign(setting=frame["setting"] if "setting" in frame else "all").dropna(subset=["rho"])
+    rng = np.random.default_rng(seed)
+    rows = []
+    tail = (1 - level) / 2
+    for (m, setting, criterion), group in frame.groupby(["measure", "setting", "criterion"], sort=True):
+        values = group["rho"].to_numpy(dtype=float)
+        means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+        rows.append({"measure": m, "setting": setting, "criterion": criterion, "mean": values.mean(),
+                     "low": float(np.quantile(means, tail)), "high": float(np.quantile(means, 1 - tail)), "units": len(values)})
+    return pd.DataFrame(rows)
+
+
+def _point_label(name: str) -> str:
+    point = next((c.point for c in criterion_grid() if c.name == name), None)
+    shown = display_name(name) if name in CRITERIA or name == MONE.name else ""
+    return f"{shown} {point}".strip() if point else (shown or name)
+
+
+def plot_damage_correlation(correlations: pd.DataFrame, *, measure: str = "loss_change", title: str | None = None):
+    """Criteria sorted by their mean within-layer Spearman ρ with the measured damage, one panel per setting.
+
+    Dots: the mean over (calibration, evaluation, layer) units; bars: 95% percentile bootstrap
+    interval over those units (`damage_intervals`). Criteria are sorted by their mean over the
+    settings (best at the top); MAN and MSAN in their colours, other criteria grey.
+    """
+    set_style()
+    intervals = damage_intervals(correlations, measure=measure)
+    if intervals.empty:
+        raise ValueError(f"plot_damage_correlation: no correlation with measure {measure!r}")
+    settings = [s for s in ("matched", "mismatched", "mixed") if s in set(intervals["setting"])]
+    settings += sorted(set(intervals["setting"]) - set(settings))
+    order = intervals.groupby("criterion")["mean"].mean().sort_values().index.tolist()  # best last: drawn at the top
+    fig = Figure(figsize=(FIGURE_WIDTH, 0.28 * len(order) + 1.6), layout="constrained")
+    axes = fig.subplots(1, len(settings), sharey=True, squeeze=False)[0]
+    y = {name: k for k, name in enumerate(order)}
+    for ax, setting in zip(axes, settings):
+        part = intervals[intervals["setting"] == setting]
+        for _, row in part.iterrows():
+            name = row["criterion"]
+            color = PALETTE[name] if name in NEW_CRITERIA else ("#4d4d4d" if name in CRITERIA or name == MONE.name else "#9e9e9e")
+            ax.plot([row["low"], row["high"]], [y[name]] * 2, color=color, linewidth=1.6)
+            ax.plot([row["mean"]], [y[name]], marker="o", color=color, markersize=6)
+        ax.axvline(0, color="#555555", linewidth=0.8)
+        units = int(part["units"].max()) if len(part) else 0
+        ax.set_title(f"{setting}\n({units} units)")
+        ax.set_xlabel("Spearman ρ")
+        ax.grid(axis="y", visible=False)
+    axes[0].set_yticks(range(len(order)), [_point_label(n) for n in order])
+    axes[0].set_ylim(-0.7, len(order) - 0.3)
+    what = measure.replace("_", " ")
+    fig.suptitle(title or f"criterion score vs measured damage ({what}): mean within-layer ρ, 95% bootstrap interval")
     return fig
 
 
@@ -385,16 +674,20 @@ def write_report(
 
     df: `load_results` output. statistics: calibration name -> its `ExpertStatistics`
     (figures from statistics: kept-set overlap at `overlap_ratio`, rank correlation,
-    frequency vs MAN). Figures from results: the grid heatmap per (calibration, ratio)
+    frequency vs MAN). Figures from results: the grid heatmap per (calibration, ratio), as change
+    from the unpruned model on one colour scale for all of them (none without unpruned scores),
     and score vs ratio per calibration. `out_dir` is checked for writing before any figure is drawn.
     """
     check_writable(out_dir)
-    pruned, _ = _select(df, model, None, None)
+    pruned, unpruned = _select(df, model, None, None)
     model = model or pruned["model"].iloc[0]
     written = write_tables(df, out_dir, model=model)
+    limits = grid_limits(df, model=model) if not unpruned.empty else None  # one colour scale for every heatmap
     for calibration, group in pruned.groupby("calibration", sort=True):
         for ratio in sorted(group["ratio"].unique()):
-            fig = plot_grid_heatmap(df, model=model, calibration=calibration, ratio=ratio)
+            if limits is None:  # no unpruned scores: no change from them to draw
+                continue
+            fig = plot_grid_heatmap(df, model=model, calibration=calibration, ratio=ratio, limits=limits)
             written += save_figure(fig, f"grid_heatmap__{slug(model)}__{slug(calibration)}__{ratio:g}", out_dir)
         fig = plot_score_vs_ratio(df, model=model, calibration=calibration)
         written += save_figure(fig, f"score_vs_ratio__{slug(model)}__{slug(calibration)}", out_dir)

@@ -208,7 +208,7 @@ def suite_order(df: pd.DataFrame) -> list[str]:
 
 
 def benchmark_info(df: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per benchmark: label, metric, higher_is_better, status ("ok" if any criterion ran it), note."""
+    """Per benchmark: label, metric, higher_is_better, status ("ok" if any criterion ran it), note, n (items; NaN unknown)."""
     rows = {}
     for name, group in df.groupby("benchmark", sort=False):
         ran = group[group["status"] == "ok"]
@@ -219,6 +219,7 @@ def benchmark_info(df: pd.DataFrame, order: Sequence[str] | None = None) -> pd.D
             "higher_is_better": bool(first["higher_is_better"]) if first["higher_is_better"] is not None else True,
             "status": "ok" if not ran.empty else first["status"],
             "note": first["note"] if ran.empty else "",
+            "n": float(pd.to_numeric(ran["n"], errors="coerce").max()) if not ran.empty and "n" in ran else float("nan"),
         }
     info = pd.DataFrame.from_dict(rows, orient="index")
     return info.reindex(order) if order is not None else info
@@ -275,6 +276,7 @@ def gap_to_baseline(
         })
     columns = ["criterion", column, "strongest baseline", f"baseline {column}", "gap"]
     gap = pd.DataFrame(rows, columns=columns).set_index("criterion")
+    gap.attrs.update({k: v for k, v in table.attrs.items() if k in ("model", "calibration", "ratio", "info", "averaged")})
     gap.attrs["bold"] = False
     return gap
 
@@ -729,41 +731,88 @@ def format_table(table: pd.DataFrame, *, digits: int = 1, other_digits: int = 3,
         out.columns = pd.MultiIndex.from_tuples(
             [tuple(short.get(str(p), str(p).split(":")[-1]) for p in c) for c in out.columns], names=out.columns.names)
     elif info is not None:
-        out.columns = [info.loc[c, "label"] if c in info.index else c for c in out.columns]
+        out.columns = [column_label(info, c) if c in info.index else c for c in out.columns]
     if names:
         out.index = [display_name(i) for i in out.index]
     return out
 
 
-def to_markdown(table: pd.DataFrame, *, digits: int = 1, **kwargs) -> str:
-    """The table in Markdown (GitHub pipes); best pruned criterion per column in bold."""
+def column_label(info: pd.DataFrame, benchmark: str) -> str:
+    """A benchmark's column header: its label, "↓" when lower is better, and its item count:
+    ``"Code bpb ↓ (n=30)"``."""
+    row = info.loc[benchmark]
+    arrow = "" if row["higher_is_better"] else " ↓"
+    n = row["n"] if "n" in row.index else float("nan")
+    return f"{row['label']}{arrow}" + (f" (n={int(n)})" if not pd.isna(n) else "")
+
+
+def _settings(table: pd.DataFrame) -> str:
+    attrs = table.attrs
+    if "calibration" not in attrs:
+        return ""
+    ratio = attrs.get("ratio")
+    return f"{attrs.get('model')}, calibration {attrs['calibration']}" + (f", {ratio:.0%} of experts removed per MoE layer" if ratio is not None else "")
+
+
+def table_caption(table: pd.DataFrame, kind: str = "results") -> str:
+    """A caption saying what a table's cells are, their units and direction, and the item counts.
+
+    kind: "results" (`results_table`), "ranks" (`rank_table`), "gap" (`gap_to_baseline`) or
+    "summary" (`average_rank_summary`).
+    """
+    info = table.attrs.get("info")
+    averaged = table.attrs.get("averaged") or []
+    labels = ", ".join(info.loc[b, "label"] for b in averaged) if info is not None and averaged else "the higher-is-better benchmarks"
+    where = _settings(table)
+    counts = " n = items (documents for bits per byte) per benchmark, in each column's header." if info is not None else ""
+    if kind == "results":
+        return (f"Scores of each criterion ({where}). Accuracy in points (higher is better); columns marked ↓ "
+                f"(bits per byte) are lower is better and not averaged; {AVERAGE} = mean of {labels}.{counts} "
+                "Best pruned criterion per column in bold.")
+    if kind == "ranks":
+        return (f"Rank of each pruned criterion per benchmark ({where}): 1 = best, lower is better; ties share their mean "
+                f"rank; {AVERAGE_RANK} = mean over the benchmarks.{counts}")
+    if kind == "gap":
+        return (f"MAN and MSAN against the strongest baseline ({where}): mean accuracy of {labels} in points, higher is better; "
+                "gap = new criterion minus baseline, positive = the new criterion is better.")
+    if kind == "summary":
+        return ("Average rank of each criterion (1 = best, lower is better) per setting, calibration, benchmarks and fraction "
+                "of experts removed; \"matched\" ranks on the benchmarks of the calibration's domain only.")
+    raise ValueError(f"table_caption: unknown kind {kind!r}; use results, ranks, gap or summary")
+
+
+def to_markdown(table: pd.DataFrame, *, digits: int = 1, caption: str | None = None, **kwargs) -> str:
+    """The table in Markdown (GitHub pipes), with `caption` as a paragraph above it; best pruned criterion per column in bold."""
     formatted = format_table(table, digits=digits, **kwargs)
     if isinstance(formatted.columns, pd.MultiIndex):
         formatted.columns = [" ".join(str(p) for p in c if p) for c in formatted.columns]
-    return formatted.to_markdown(disable_numparse=True)
+    text = formatted.to_markdown(disable_numparse=True)
+    return f"Table: {caption}\n\n{text}" if caption else text
 
 
 def to_latex(table: pd.DataFrame, *, digits: int = 1, caption: str | None = None, label: str | None = None, **kwargs) -> str:
     """The table as a LaTeX tabular (booktabs); best pruned criterion per column in bold."""
     formatted = format_table(table, digits=digits, bold=r"\textbf{", bold_end="}", **kwargs)
     formatted = formatted.map(lambda s: s.replace("–", "--"))
-    escape = lambda s: str(s).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&").replace("#", r"\#")  # noqa: E731
+    escape = lambda s: (str(s).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&").replace("#", r"\#")  # noqa: E731
+                        .replace("↓", r"$\downarrow$"))
     formatted.index = [escape(i) for i in formatted.index]
     if isinstance(formatted.columns, pd.MultiIndex):
         formatted.columns = pd.MultiIndex.from_tuples([tuple(escape(p) for p in c) for c in formatted.columns])
     else:
         formatted.columns = [escape(c) for c in formatted.columns]
+    caption = escape(caption).replace('"', "''") if caption else caption
     return formatted.to_latex(escape=False, caption=caption, label=label, column_format="l" + "r" * formatted.shape[1],
                               multicolumn_format="c")
 
 
-def write_table(table: pd.DataFrame, name: str, out_dir: str | Path, **kwargs) -> list[Path]:
-    """Write `name`.md and `name`.tex under `out_dir`."""
+def write_table(table: pd.DataFrame, name: str, out_dir: str | Path, *, caption: str | None = None, **kwargs) -> list[Path]:
+    """Write `name`.md and `name`.tex under `out_dir`, with `caption` (see `table_caption`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md, tex = out_dir / f"{name}.md", out_dir / f"{name}.tex"
-    md.write_text(to_markdown(table, **kwargs) + "\n")
-    tex.write_text(to_latex(table, **kwargs))
+    md.write_text(to_markdown(table, caption=caption, **kwargs) + "\n")
+    tex.write_text(to_latex(table, caption=caption, **kwargs))
     return [md, tex]
 
 
@@ -788,17 +837,20 @@ def write_tables(df: pd.DataFrame, out_dir: str | Path, *, model: str | None = N
         for suffix, benchmarks in variants:
             table = results_table(df, model=model, calibration=calibration, ratio=ratio, benchmarks=benchmarks, criteria=criteria)
             stem = f"{slug(model)}__{slug(calibration)}__{ratio:g}{suffix}"
-            written += write_table(table, f"results__{stem}", out_dir)
-            written += write_table(rank_table(table), f"ranks__{stem}", out_dir, digits=2)
+            written += write_table(table, f"results__{stem}", out_dir, caption=table_caption(table, "results"))
+            ranks = rank_table(table)
+            written += write_table(ranks, f"ranks__{stem}", out_dir, digits=2, caption=table_caption(ranks, "ranks"))
             try:
                 gap = gap_to_baseline(table)
             except ValueError:  # no baseline evaluated
                 gap = None
             if gap is not None and len(gap):  # no MAN / MSAN evaluated: no gap table
-                written += write_table(gap, f"gap__{stem}", out_dir)
+                written += write_table(gap, f"gap__{stem}", out_dir, caption=table_caption(gap, "gap"))
     summary = average_rank_summary(df, model=model, criteria=criteria)
-    written += write_table(summary, f"average_rank__{slug(model)}", out_dir, digits=2)
+    written += write_table(summary, f"average_rank__{slug(model)}", out_dir, digits=2,
+                           caption=f"{model}: " + table_caption(summary, "summary"))
     if criteria is not None and not set(pruned["criterion"]) <= set(criteria):
         everything = average_rank_summary(df, model=model, criteria=None)
-        written += write_table(everything, f"average_rank__{slug(model)}__all", out_dir, digits=2)
+        written += write_table(everything, f"average_rank__{slug(model)}__all", out_dir, digits=2,
+                               caption=f"{model}, every criterion evaluated (the grid): " + table_caption(everything, "summary"))
     return written

@@ -5,7 +5,14 @@ import pytest
 from moepaper import collect_statistics
 from moepaper.criteria import CRITERIA
 from moepaper.pipeline.figures import (
+    accuracy_stderr,
+    damage_intervals,
+    figure_width,
+    grid_changes,
+    grid_limits,
     kept_overlap,
+    min_font_size,
+    plot_damage_correlation,
     plot_frequency_vs_norm,
     plot_grid_heatmap,
     plot_kept_overlap,
@@ -13,6 +20,7 @@ from moepaper.pipeline.figures import (
     plot_score_vs_ratio,
     rank_correlation,
     save_figure,
+    small_text,
 )
 from moepaper.pipeline.tables import (
     AVERAGE,
@@ -22,6 +30,7 @@ from moepaper.pipeline.tables import (
     load_results,
     rank_table,
     results_table,
+    table_caption,
     to_latex,
     to_markdown,
     write_tables,
@@ -164,23 +173,127 @@ def test_overlap_and_correlation_values(stats):
     assert rho.shape == (3, 3, 3) and (abs(rho[:, range(3), range(3)] - 1) < 1e-12).all()
 
 
-def test_figures_saved_as_png_and_pdf(results, stats, tmp_path):
-    def figures():
-        return {
-            "heatmap": plot_grid_heatmap(results, calibration="c", ratio=0.5),
-            "ratio": plot_score_vs_ratio(results, calibration="c"),
-            "overlap": plot_kept_overlap(stats, ratio=0.5),
-            "correlation": plot_rank_correlation(stats),
-            "frequency": plot_frequency_vs_norm(stats),
-        }
+def _correlations():
+    """Damage correlations as notebook 03 builds them: MAN best, frequency worst, 2 settings x 4 layers."""
+    rows = []
+    for setting, shift in (("matched", 0.0), ("mismatched", -0.1)):
+        for layer in range(4):
+            for name, rho in (("man", 0.6), ("frequency", -0.2), ("S(0,2,0)", 0.1)):
+                rows.append({"criterion": name, "measure": "loss_change", "layer": layer, "setting": setting,
+                             "calibration": "c", "evaluation": "e", "rho": rho + shift + 0.05 * (layer - 1.5)})
+    import pandas as pd
 
-    first, second = figures(), figures()
+    return pd.DataFrame(rows)
+
+
+def _all_figures(results, stats):
+    return {
+        "heatmap": plot_grid_heatmap(results, calibration="c", ratio=0.5),
+        "ratio": plot_score_vs_ratio(results, calibration="c"),
+        "overlap": plot_kept_overlap(stats, ratio=0.5),
+        "correlation": plot_rank_correlation(stats),
+        "frequency": plot_frequency_vs_norm(stats),
+        "damage": plot_damage_correlation(_correlations()),
+    }
+
+
+def test_figures_saved_as_png_and_pdf(results, stats, tmp_path):
+    first, second = _all_figures(results, stats), _all_figures(results, stats)
     for name in first:
         paths = save_figure(first[name], name, tmp_path / "a")
         assert [p.suffix for p in paths] == [".png", ".pdf"]
         again = save_figure(second[name], name, tmp_path / "b")  # byte-for-byte reproducible: no timestamps
         assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again], name
         assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:5] == b"%PDF-"
+
+
+def test_every_figure_is_readable_at_16_cm(results, stats, tmp_path):
+    """No text under 9 pt when a figure is shown 16 cm wide: smallest font >= 9 * width / 6.3 in, as drawn and as saved."""
+    from matplotlib.text import Text
+    from PIL import Image
+
+    for name, fig in _all_figures(results, stats).items():
+        width = figure_width(fig)
+        sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+        assert min(sizes) >= min_font_size(width) - 1e-9, (name, min(sizes), width)
+        assert small_text(fig) == [], name  # drawn readable: save_figure has nothing to enlarge
+        png, _ = save_figure(fig, name, tmp_path)
+        saved = Image.open(png).size[0] / 150  # inches at the PNG's 150 dpi
+        assert saved <= width + 0.02, (name, saved, width)  # the measured width bounds the saved one: the check is conservative
+        assert width <= 7.0, (name, width)  # drawn about a text width wide, not shrunk onto the page
+
+
+def test_save_figure_enlarges_small_text(tmp_path):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3))
+    ax = fig.subplots()
+    ax.set_title("tiny", fontsize=6)
+    assert ("tiny", 6) in small_text(fig)  # 12 inches wide needs 9 * 12 / 6.3 = 17.1 pt
+    save_figure(fig, "tiny", tmp_path)
+    assert small_text(fig) == [] and ax.title.get_fontsize() >= min_font_size(figure_width(fig)) - 1e-9
+
+
+def test_grid_heatmap_shows_change_from_unpruned_on_one_scale(results):
+    changes = grid_changes(results, calibration="c", ratio=0.5)
+    assert changes.loc["man", "accuracy"] == pytest.approx(45.0 - 75.0)  # mean of b1, b2 minus unpruned
+    assert changes.loc["reap", "bits per byte"] == pytest.approx(1.3 - 0.9)  # b3, lower is better
+    # the largest change over both ratios: man at 50% (-30 points), reap's bits per byte (+0.4)
+    assert grid_limits(results) == pytest.approx({"accuracy": 30.0, "bits per byte": 0.4})
+    for ratio in (0.25, 0.5):
+        fig = plot_grid_heatmap(results, calibration="c", ratio=ratio)
+        meshes = [ax.collections[0] for ax in fig.axes if ax.collections and ax.get_label() != "<colorbar>"][:2]
+        assert [m.get_clim() for m in meshes] == [pytest.approx((-30.0, 30.0)), pytest.approx((-0.4, 0.4))]
+    caption = fig.get_supxlabel()
+    assert "standard error" in caption and "n = 10 items" in caption
+
+
+def test_accuracy_standard_error_from_item_counts(results):
+    table = results_table(results, calibration="c", ratio=0.5)
+    se = accuracy_stderr(results, table)
+    # man: accuracies 0.6 and 0.3 over 10 items each: sqrt(0.024 + 0.021) / 2, in points
+    assert se["man"] == pytest.approx(100 * (0.024 + 0.021) ** 0.5 / 2)
+    assert se[UNPRUNED] == pytest.approx(100 * (0.7 * 0.3 / 10 + 0.8 * 0.2 / 10) ** 0.5 / 2)
+
+
+def test_frequency_vs_norm_log_axis_and_kept_classes(stats):
+    fig = plot_frequency_vs_norm(stats, ratio=0.5)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert [l.split(" (")[0] for l in labels] == ["both kept", "both pruned", "kept only by MAN", "kept only by Frequency"]
+    counts = [int(l.split("(")[1].rstrip(")")) for l in labels]
+    assert sum(counts) == sum(stats.num_experts)
+    assert counts[2] == counts[3]  # each keeps half: what MAN alone keeps, Frequency alone drops
+    colors = {tuple(c.get_facecolor()[0]) for c in ax.collections if len(c.get_offsets())}
+    assert len(colors) == sum(1 for c in counts if c)
+
+
+def test_damage_dot_plot_sorted_with_bootstrap_intervals():
+    correlations = _correlations()
+    intervals = damage_intervals(correlations)
+    man = intervals[(intervals.criterion == "man") & (intervals.setting == "matched")].iloc[0]
+    assert man["mean"] == pytest.approx(0.6) and man["low"] <= man["mean"] <= man["high"] and man["units"] == 4
+    assert man["high"] - man["low"] > 0  # the layers differ: a real interval
+    assert intervals.equals(damage_intervals(correlations))  # fixed seed: reproducible
+    fig = plot_damage_correlation(correlations)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels[-1].startswith("MAN") and labels[0].startswith("Frequency")  # best at the top
+    assert [ax.get_title().split("\n")[0] for ax in fig.axes] == ["matched", "mismatched"]
+
+
+def test_tables_have_captions_item_counts_and_direction(results, tmp_path):
+    table = results_table(results, calibration="c", ratio=0.5)
+    md = to_markdown(table, caption=table_caption(table))
+    assert md.startswith("Table: Scores of each criterion (toy, calibration c, 50% of experts removed")
+    header = md.splitlines()[2]
+    assert "B1 (n=10)" in header and "B3 ↓ (n=10)" in header and "B1 ↓" not in header
+    assert "lower is better" in table_caption(rank_table(table), "ranks")
+    tex = to_latex(table, caption=table_caption(table))
+    assert r"\caption{" in tex and r"B3 $\downarrow$ (n=10)" in tex and r"50\% of experts" in tex
+    written = {p.name: p for p in write_tables(results, tmp_path / "tables")}
+    assert written["average_rank__toy.md"].read_text().startswith("Table: toy: Average rank")
+    assert "gap = new criterion minus baseline" in written["gap__toy__c__0.5.md"].read_text()
 
 
 def test_report_on_a_subset_of_criteria_without_man_or_msan(tmp_path):
