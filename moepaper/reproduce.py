@@ -111,6 +111,7 @@ class RunConfig:
     science: dict = field(default_factory=dict)  # parameters of 00 and 03 (None: skip them)
     run_science: bool = True
     grid_results_dir: str | None = None  # results of the grid sweep, for notebook 04's heatmaps (None: none apart)
+    compare_models: tuple[str, ...] = ()  # notebook 04 ranks these models' criteria side by side, with intervals
 
 
 # Fractions of experts removed per paper model (25% on all four, 50% on ERNIE and Qwen3).
@@ -124,10 +125,11 @@ GRID_LIMIT = {"mc": 80, "ppl": 30}
 # about an hour per model on 2 cores (benchmarks/evaluation.py), so the committed sweep uses a
 # subset and the bootstrap intervals carry the item noise it leaves.
 NAMED_LIMIT = {"mc": 60, "ppl": 20}
-DEFAULT_CONFIGS = ("embedded", "embedded-pooled")
+# the ablation first: the default model's notebook 04 compares both models' rankings
+DEFAULT_CONFIGS = ("embedded-pooled", "embedded")
 
 
-def _embedded_config(name: str, grid_calibrations: list[str]) -> RunConfig:
+def _embedded_config(name: str, grid_calibrations: list[str], compare_models: tuple[str, ...] = ()) -> RunConfig:
     """Embedded model `name` on CPU: every draw collected, the named criteria on every item of
     every draw at `NAMED_LIMIT` items (data/results/named/), the grid at `GRID_LIMIT` items on the seed-0 draws of
     `grid_calibrations` (data/results/grid/)."""
@@ -147,6 +149,7 @@ def _embedded_config(name: str, grid_calibrations: list[str]) -> RunConfig:
         figures_dir=FIGURES,
         science=dict(model=name, figures_dir="figures"),
         grid_results_dir=f"{DATA}/results/grid",
+        compare_models=compare_models,
     )
 
 
@@ -156,7 +159,7 @@ def _configs() -> dict[str, RunConfig]:
     gpu_eval = dict(suite="paper", batch_size=16, criteria="named")
     gpu = dict(dtype="bfloat16", device_map="auto")
     return {
-        "embedded": _embedded_config("embedded", ["embedded:mixed"]),
+        "embedded": _embedded_config("embedded", ["embedded:mixed"], compare_models=("embedded", "embedded-pooled")),
         "embedded-pooled": _embedded_config("embedded-pooled", ["embedded:mixed", "embedded:code", "embedded:math"]),
         "paper": RunConfig(
             name="paper",
@@ -324,7 +327,8 @@ def plan(config: RunConfig, root: Path, *, allow_code_execution: bool = False) -
         steps.append(("04_tables_and_figures.ipynb", out / f"04__{slug(m.name)}.ipynb",
                       dict(model_name=m.name, results_dir=config.results_dir,
                            statistics=statistics_by_model[m.name], figures_dir=config.figures_dir,
-                           **({"grid_results_dir": config.grid_results_dir} if config.grid_results_dir else {}))))
+                           **({"grid_results_dir": config.grid_results_dir} if config.grid_results_dir else {}),
+                           **({"compare_models": list(config.compare_models)} if config.compare_models else {}))))
     return steps
 
 

@@ -1,5 +1,5 @@
 """The reproduce plan of the embedded runs: both models, three calibrations x three seeds, the
-full-item named sweep and the limited-item grid sweep in separate results roots (no notebook runs)."""
+limited-item named sweep and the limited-item grid sweep in separate results roots (no notebook runs)."""
 
 from pathlib import Path
 
@@ -36,7 +36,7 @@ def test_embedded_plan_collects_every_draw_and_sweeps_named_on_all_and_grid_apar
     assert sorted(p["calibration"] for p in named) == sorted(
         ["embedded:mixed", "embedded:mixed@seed1", "embedded:mixed@seed2", "embedded:code", "embedded:code@seed1",
          "embedded:code@seed2", "embedded:math", "embedded:math@seed1", "embedded:math@seed2"])
-    assert all(p["limit"] == "all" and p["results_dir"] == "data/results/named" for p in named)
+    assert all(p["limit"] == reproduce.NAMED_LIMIT and p["results_dir"] == "data/results/named" for p in named)
     # the grid sweep: seed 0 only, the suite's former 80 / 30 items, another root
     assert all(p["limit"] == {"mc": 80, "ppl": 30} and p["results_dir"] == "data/results/grid" for p in grid)
     expected_grid = ["embedded:mixed"] if name == "embedded" else SOURCES
@@ -59,6 +59,8 @@ def test_embedded_plan_collects_every_draw_and_sweeps_named_on_all_and_grid_apar
     assert tables["statistics"] == {s: f"data/statistics/{name}/{s.replace(':', '-')}.safetensors" for s in SOURCES}
     science = [p for nb, _, p in reproduce.plan(reproduce.CONFIGS[name], REPO) if nb.startswith(("00", "03"))]
     assert len(science) == 2 and all(p["model"] == name for p in science)
+    # the default model's tables compare both models' rankings; the ablation's do not
+    assert tables.get("compare_models") == (["embedded", "embedded-pooled"] if name == "embedded" else None)
 
 
 def test_seeded_results_land_in_their_own_folder():
@@ -86,7 +88,7 @@ def test_committed_pooled_results_are_the_grid_sweeps_seed_zero():
 
 
 def test_default_runs_both_embedded_models_and_the_others_keep_one_sweep(capsys):
-    assert reproduce.DEFAULT_CONFIGS == ("embedded", "embedded-pooled")
+    assert reproduce.DEFAULT_CONFIGS == ("embedded-pooled", "embedded")  # the comparison in embedded's 04 sees both
     assert reproduce.main(["--list"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert any("runs/embedded/01__embedded__embedded-mixed-seed2" in line for line in listed)
