@@ -42,6 +42,7 @@ run with it as their working directory.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -196,15 +197,11 @@ def _headings(nb) -> list[str]:
     return out
 
 
-def _engine() -> str:
-    """Register (once) and name the papermill engine of `run_notebook`: papermill's own, in a kernel
-    on local IPC sockets, printing each section heading as execution reaches it."""
+@functools.cache
+def _local_kernel_manager():
+    """The kernel manager of `run_notebook`'s kernels (a class, made once)."""
     from jupyter_client.manager import AsyncKernelManager
-    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
     from traitlets import CaselessStrEnum
-
-    if "moepaper" in papermill_engines._engines:
-        return "moepaper"
 
     class LocalKernelManager(AsyncKernelManager):
         """The kernel talks over IPC sockets in the user's runtime folder, not over TCP on
@@ -219,6 +216,18 @@ def _engine() -> str:
             # after its notebook finished has nothing to interrupt.
             if not self.shutting_down:
                 await super()._async_interrupt_kernel()
+
+    return LocalKernelManager
+
+
+def _engine() -> str:
+    """Register (once) and name the papermill engine of `run_notebook`: papermill's own, in a kernel
+    on local IPC sockets, printing each section heading as execution reaches it."""
+    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
+
+    if "moepaper" in papermill_engines._engines:
+        return "moepaper"
+    kernel_manager = _local_kernel_manager()
 
     class Manager(NotebookExecutionManager):
         def __init__(self, nb, **kwargs):
@@ -241,7 +250,7 @@ def _engine() -> str:
             nb_man.notebook_start()
             try:
                 cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output,
-                                             kernel_manager_class=LocalKernelManager, **kwargs)
+                                             kernel_manager_class=kernel_manager, **kwargs)
             finally:
                 nb_man.cleanup_pbar()
                 nb_man.notebook_complete()
