@@ -9,6 +9,7 @@ the executed notebooks carry no progress bars, stale widgets or carriage-return 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -30,3 +31,38 @@ def progress(iterable=None, *, disable: bool = False, **kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, disable=disable, **kwargs)
+
+
+class _WithoutBars:
+    """A text stream to `stream` that drops progress-bar redraws (writes holding a carriage
+    return) and the newline a bar ends with; warnings and log lines pass."""
+
+    def __init__(self, stream):
+        self.stream, self.after_bar = stream, False
+
+    def write(self, text: str) -> int:
+        if "\r" in text:
+            self.after_bar = True
+        elif not (self.after_bar and text == "\n"):
+            self.after_bar = False
+            self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def third_party_bars_off_the_notebook():
+    """Under `moepaper.reproduce` (``MOEPAPER_PROGRESS=terminal``): what other libraries write
+    to stderr meanwhile (lm-eval's per-benchmark tqdm bars, warnings) goes to the terminal
+    instead of the notebook, without the bars (the sweep's own bar counts the work). Elsewhere
+    nothing changes."""
+    if os.environ.get(PROGRESS_ENV) != "terminal" or sys.__stderr__ is None:
+        yield
+        return
+    with contextlib.redirect_stderr(_WithoutBars(sys.__stderr__)):
+        yield

@@ -55,6 +55,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..progress import third_party_bars_off_the_notebook
+
 log = logging.getLogger(__name__)
 
 # Paper settings [reported: zero-shot, greedy; 2048 new tokens our reading of "max 2048"].
@@ -381,24 +383,25 @@ def _evaluate_benchmark(lm, manager, b: Benchmark, suite: Suite, limit, *, sprea
         if spread and isinstance(wanted, int) and not isinstance(wanted, bool):
             tasks, samples = _spread_items(manager, tasks, wanted)
             wanted = None if samples is not None else wanted  # a group (MMLU): lm-eval's first items
-        output = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            num_fewshot=suite.num_fewshot,
-            batch_size=batch_size,
-            limit=wanted,
-            samples=samples,
-            bootstrap_iters=0,
-            log_samples=False,
-            gen_kwargs=dict(suite.gen_kwargs) if suite.gen_kwargs else None,
-            task_manager=manager,
-            apply_chat_template=apply_chat_template,
-            confirm_run_unsafe_code=allow_code_execution,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        with third_party_bars_off_the_notebook():  # lm-eval's bars: not into the executed notebook
+            output = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=suite.num_fewshot,
+                batch_size=batch_size,
+                limit=wanted,
+                samples=samples,
+                bootstrap_iters=0,
+                log_samples=False,
+                gen_kwargs=dict(suite.gen_kwargs) if suite.gen_kwargs else None,
+                task_manager=manager,
+                apply_chat_template=apply_chat_template,
+                confirm_run_unsafe_code=allow_code_execution,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
         results = {**output.get("groups", {}), **output["results"]}
         task_result = results[b.task]
         metric = b.metric or primary_metric(task_result)

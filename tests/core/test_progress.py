@@ -26,3 +26,32 @@ def test_disabled_and_default_modes(monkeypatch):
     assert stream.getvalue() == ""
     monkeypatch.delenv(PROGRESS_ENV)
     assert list(progress([1, 2], disable=True)) == [1, 2]
+
+
+def test_third_party_bars_go_to_the_terminal_without_their_redraws(monkeypatch):
+    from tqdm import tqdm
+
+    from moepaper.progress import third_party_bars_off_the_notebook
+
+    terminal, notebook = io.StringIO(), io.StringIO()
+    monkeypatch.setenv(PROGRESS_ENV, "terminal")
+    monkeypatch.setattr(sys, "__stderr__", terminal)
+    monkeypatch.setattr(sys, "stderr", notebook)
+    with third_party_bars_off_the_notebook():
+        for _ in tqdm(range(3), desc="lm-eval requests"):  # a library's bar on sys.stderr
+            pass
+        print("a warning line", file=sys.stderr)
+    print("after", file=sys.stderr)
+    assert notebook.getvalue() == "after\n"
+    assert terminal.getvalue() == "a warning line\n"
+
+
+def test_third_party_output_is_untouched_outside_reproduce(monkeypatch):
+    from moepaper.progress import third_party_bars_off_the_notebook
+
+    notebook = io.StringIO()
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    monkeypatch.setattr(sys, "stderr", notebook)
+    with third_party_bars_off_the_notebook():
+        print("kept", file=sys.stderr)
+    assert notebook.getvalue() == "kept\n"
