@@ -34,16 +34,17 @@ def progress(iterable=None, *, disable: bool = False, **kwargs):
 
 
 class _WithoutBars:
-    """A text stream to `stream` that drops progress-bar redraws (writes holding a carriage
-    return) and the newline a bar ends with; warnings and log lines pass."""
+    """A text stream to `stream` that drops progress-bar output (redraws holding a carriage
+    return, cursor moves of nested bars, the newlines a bar ends with); warnings and log lines pass."""
 
     def __init__(self, stream):
         self.stream, self.after_bar = stream, False
 
     def write(self, text: str) -> int:
-        if "\r" in text:
+        # a redraw holds "\r"; nested bars move the cursor with ESC [A and "\n"s
+        if "\r" in text or "\x1b[" in text or (self.after_bar and not text.strip("\n")):
             self.after_bar = True
-        elif not (self.after_bar and text == "\n"):
+        else:
             self.after_bar = False
             self.stream.write(text)
         return len(text)

@@ -38,8 +38,11 @@ def test_third_party_bars_go_to_the_terminal_without_their_redraws(monkeypatch):
     monkeypatch.setattr(sys, "__stderr__", terminal)
     monkeypatch.setattr(sys, "stderr", notebook)
     with third_party_bars_off_the_notebook():
-        for _ in tqdm(range(3), desc="lm-eval requests"):  # a library's bar on sys.stderr
-            pass
+        with tqdm(total=2, desc="outer", file=sys.stderr) as outer:
+            for _ in range(2):
+                for _ in tqdm(range(3), desc="lm-eval requests"):  # a library's nested bar on sys.stderr
+                    pass
+                outer.update(1)
         print("a warning line", file=sys.stderr)
     print("after", file=sys.stderr)
     assert notebook.getvalue() == "after\n"
