@@ -109,7 +109,7 @@ def expert_damage(
     loss: also measure the change of the whole model's next-token loss; this costs one
         forward pass per (layer, expert, batch), the output errors one block call each.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress as tqdm
 
     moe = find_moe_layers(model)
     by_index = {l.layer_index: p for p, l in enumerate(moe)}

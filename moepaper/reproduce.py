@@ -6,9 +6,14 @@ task-specific) and each calibration seed, it executes
     01_collect_statistics  -> statistics file of that calibration draw
     02_prune_and_evaluate  -> one result JSON per (criterion, ratio, benchmark), once per sweep
 
-then, once per configuration, 00_formulation (teaching), 03_damage_check and
-04_tables_and_figures (every table and figure). Executed copies go under `runs/<config>/`
-(ignored by git). A step whose executed copy finished with the same parameters is skipped,
+then, once per configuration, 00_formulation (teaching) and its exercise solutions,
+03_damage_check and 04_tables_and_figures (every table and figure). Executed copies go under
+`runs/<config>/` (ignored by git); the embedded configuration also renders each executed copy
+as HTML under `docs/notebooks/` (committed, so a reader sees the numbers without installing).
+
+The terminal shows which notebook runs, which section of it (its markdown headings) and the
+notebooks' own progress bars (`moepaper.progress`), which go to the terminal, never into the
+executed notebooks. A step whose executed copy finished with the same parameters is skipped,
 and the notebooks themselves skip statistics and results already on disk, so an
 interrupted run resumes where it stopped.
 
@@ -49,6 +54,7 @@ run with it as their working directory.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -60,9 +66,12 @@ from pathlib import Path
 from .pipeline.calibration import calibration_name
 from .pipeline.paper_models import PAPER_MODELS, REHEARSAL_PREFIX
 from .pipeline.results import TASK_AGNOSTIC, TASK_SPECIFIC, slug
+from .progress import PROGRESS_ENV
 from .project import DATA, FIGURES, NOTEBOOKS, RUNS, project_root
 
 KERNEL_NAME = "moepaper"  # the kernel every notebook names; installed inside the virtual environment
+HTML_DIR = "docs/notebooks"  # rendered copies of the embedded configuration's executed notebooks
+SOLUTIONS = "00_formulation_solutions.ipynb"  # the exercises of 00, solved; runs with 00's parameters
 
 
 @dataclass
@@ -112,6 +121,7 @@ class RunConfig:
     run_science: bool = True
     grid_results_dir: str | None = None  # results of the grid sweep, for notebook 04's heatmaps (None: none apart)
     compare_models: tuple[str, ...] = ()  # notebook 04 ranks these models' criteria side by side, with intervals
+    html_dir: str | None = None  # relative to the project root: an HTML copy of every executed notebook
 
 
 # Fractions of experts removed per paper model (25% on all four, 50% on ERNIE and Qwen3).
@@ -150,6 +160,7 @@ def _embedded_config(name: str, grid_calibrations: list[str], compare_models: tu
         science=dict(model=name, figures_dir="figures"),
         grid_results_dir=f"{DATA}/results/grid",
         compare_models=compare_models,
+        html_dir=HTML_DIR if name == "embedded" else None,  # the default model's notebooks, rendered
     )
 
 
@@ -240,8 +251,86 @@ def _fingerprint(root: Path, notebook: str, parameters: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _headings(nb) -> list[str]:
+    """For each cell, the last markdown heading at or before it (what the terminal says is running)."""
+    current, out = "", []
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            lines = [line.lstrip("#").strip() for line in cell.source.splitlines() if line.startswith("#")]
+            current = lines[-1] if lines else current
+        out.append(current)
+    return out
+
+
+@functools.cache
+def _local_kernel_manager():
+    """The kernel manager of `run_notebook`'s kernels (a class, made once)."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class LocalKernelManager(AsyncKernelManager):
+        """The kernel talks over IPC sockets in the user's runtime folder, not over TCP on
+        localhost: nothing listens on a port, and ipykernel has no reason for its warning that
+        "Kernel is running over TCP without encryption" (IPC is unavailable on Windows: TCP there)."""
+
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="tcp" if os.name == "nt" else "ipc", config=True)
+
+        async def _async_interrupt_kernel(self) -> None:
+            # jupyter_client interrupts the kernel before every shutdown request; an idle kernel
+            # then logs "KeyboardInterrupt caught in kernel" as an ERROR. A kernel being shut down
+            # after its notebook finished has nothing to interrupt.
+            if not self.shutting_down:
+                await super()._async_interrupt_kernel()
+
+    return LocalKernelManager
+
+
+def _engine() -> str:
+    """Register (once) and name the papermill engine of `run_notebook`: papermill's own, in a kernel
+    on local IPC sockets, printing each section heading as execution reaches it."""
+    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
+
+    if "moepaper" in papermill_engines._engines:
+        return "moepaper"
+    kernel_manager = _local_kernel_manager()
+
+    class Manager(NotebookExecutionManager):
+        def __init__(self, nb, **kwargs):
+            super().__init__(nb, **kwargs)
+            self.headings, self.shown = _headings(nb), None
+
+        def cell_start(self, cell, cell_index=None, **kwargs):
+            super().cell_start(cell, cell_index=cell_index, **kwargs)
+            heading = self.headings[cell_index] if cell_index is not None else None
+            if heading and heading != self.shown:
+                self.shown = heading
+                print(f"    [cell {cell_index + 1}/{len(self.nb.cells)}] {heading}", flush=True)
+
+    class Engine(NBClientEngine):
+        @classmethod
+        def execute_notebook(cls, nb, kernel_name, output_path=None, progress_bar=False, log_output=False,
+                             autosave_cell_every=30, **kwargs):
+            nb_man = Manager(nb, output_path=output_path, progress_bar=progress_bar, log_output=log_output,
+                             autosave_cell_every=autosave_cell_every)
+            nb_man.notebook_start()
+            try:
+                cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output,
+                                             kernel_manager_class=kernel_manager, **kwargs)
+            finally:
+                nb_man.cleanup_pbar()
+                nb_man.notebook_complete()
+            return nb_man.nb
+
+    papermill_engines.register("moepaper", Engine)
+    return "moepaper"
+
+
 def run_notebook(notebook: str, output: Path, parameters: dict, *, root: Path, force: bool = False) -> bool:
-    """Execute `notebook` into `output` with papermill, in `root`; skip if done with the same parameters. True if run."""
+    """Execute `notebook` into `output` with papermill, in `root`; skip if done with the same parameters. True if run.
+
+    The kernel runs with ``MOEPAPER_PROGRESS=terminal`` and without file-descriptor capture:
+    the notebooks' progress bars go to this process's terminal, not into `output`.
+    """
     import papermill
 
     marker = output.with_suffix(".done")
@@ -253,22 +342,27 @@ def run_notebook(notebook: str, output: Path, parameters: dict, *, root: Path, f
     marker.unlink(missing_ok=True)
     started = time.time()
     print(f"  > {notebook} -> {output.relative_to(root)}", flush=True)
-    previous = os.environ.get("MOEPAPER_ROOT")
-    os.environ["MOEPAPER_ROOT"] = str(root)  # the kernel reads and writes this checkout, whatever the environment said
+    # the kernel reads and writes this checkout, whatever the environment said; its bars go to the terminal
+    setting = {"MOEPAPER_ROOT": str(root), PROGRESS_ENV: "terminal"}
+    previous = {name: os.environ.get(name) for name in setting}
+    os.environ.update(setting)
     try:
         papermill.execute_notebook(
             str(root / NOTEBOOKS / notebook),
             str(output),
             parameters=parameters,
             kernel_name=ensure_kernel(),
+            engine_name=_engine(),
             cwd=str(root),
             progress_bar=False,
+            extra_arguments=["--IPKernelApp.capture_fd_output=False"],
         )
     finally:
-        if previous is None:
-            os.environ.pop("MOEPAPER_ROOT", None)
-        else:
-            os.environ["MOEPAPER_ROOT"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     marker.write_text(fingerprint + "\n")
     print(f"    {time.time() - started:.0f} s", flush=True)
     return True
@@ -282,6 +376,32 @@ def statistics_path(config: RunConfig, model: ModelRun, source: str, seed: int =
 def sweeps(model: ModelRun) -> list[Sweep]:
     """The model's sweeps; without any, one sweep of its `evaluate` over every draw."""
     return list(model.sweeps) if model.sweeps is not None else [Sweep("", {})]
+
+
+def wants_html(executed: Path) -> bool:
+    """Whether an executed notebook gets an HTML copy: 00, its solutions, 03, 04, and 01/02 of the
+    seed-0 mixed calibration (the other draws and the grid sweep repeat the same notebook)."""
+    name = executed.name
+    if name.startswith(("01__", "02__")):
+        return "__embedded-mixed" in name and "-seed" not in name and not name.endswith("__grid.ipynb")
+    return True
+
+
+def render_html(executed: Path, target: Path) -> Path:
+    """An HTML copy of an executed notebook (nbconvert's lab template, images inline), without
+    papermill's per-cell timestamps, so reruns with the same outputs give the same file."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(executed, as_version=4)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+    nb.metadata.pop("papermill", None)
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(body, encoding="utf-8")
+    return target
 
 
 def plan(config: RunConfig, root: Path, *, allow_code_execution: bool = False) -> list[tuple[str, Path, dict]]:
@@ -322,6 +442,7 @@ def plan(config: RunConfig, root: Path, *, allow_code_execution: bool = False) -
                                    **({"allow_code_execution": True} if allow_code_execution else {}))))
     if config.run_science:
         steps.append(("00_formulation.ipynb", out / "00_formulation.ipynb", dict(config.science)))
+        steps.append((SOLUTIONS, out / SOLUTIONS, dict(config.science)))
         steps.append(("03_damage_check.ipynb", out / "03_damage_check.ipynb", dict(config.science)))
     for m in config.models:
         steps.append(("04_tables_and_figures.ipynb", out / f"04__{slug(m.name)}.ipynb",
@@ -367,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         for i, (notebook, output, parameters) in enumerate(steps, 1):
             print(f"[{i}/{len(steps)}] {notebook}", flush=True)
             run_notebook(notebook, output, parameters, root=root, force=args.force)
+            if config.html_dir and wants_html(output):
+                html = root / config.html_dir / output.with_suffix(".html").name
+                if not html.exists() or html.stat().st_mtime < output.stat().st_mtime:
+                    print(f"    html -> {render_html(output, html).relative_to(root)}", flush=True)
         print(f"done in {time.time() - started:.0f} s: tables and figures in {config.figures_dir}/")
     return 0
 

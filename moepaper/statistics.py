@@ -446,7 +446,7 @@ def collect_statistics(
     """
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    from tqdm.auto import tqdm
+    from .progress import progress as tqdm
 
     moe = find_moe_layers(model)
     identity = model_identity(model)  # before the pass: nothing may have touched the routers yet

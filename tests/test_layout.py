@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moepaper"
-CORE = {"architecture", "statistics", "criteria", "pruning", "damage", "provenance", "project"}
+CORE = {"architecture", "statistics", "criteria", "pruning", "damage", "provenance", "project", "progress"}
 
 
 def module_name(path: Path, package_dir: Path = PACKAGE) -> str:

@@ -69,6 +69,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..progress import third_party_bars_off_the_notebook
+
 log = logging.getLogger(__name__)
 
 # Paper settings [reported: zero-shot, greedy; 2048 new tokens our reading of "max 2048"].
@@ -411,24 +413,25 @@ def _evaluate_benchmark(lm, manager, b: Benchmark, suite: Suite, limit, *, sprea
         if spread and isinstance(wanted, int) and not isinstance(wanted, bool):
             tasks, samples = _spread_items(manager, tasks, wanted)
             wanted = None if samples is not None else wanted  # a group (MMLU): lm-eval's first items
-        output = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            num_fewshot=suite.num_fewshot,
-            batch_size=batch_size,
-            limit=wanted,
-            samples=samples,
-            bootstrap_iters=0,
-            log_samples=True,
-            gen_kwargs=dict(suite.gen_kwargs) if suite.gen_kwargs else None,
-            task_manager=manager,
-            apply_chat_template=apply_chat_template,
-            confirm_run_unsafe_code=allow_code_execution,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        with third_party_bars_off_the_notebook():  # lm-eval's bars: not into the executed notebook
+            output = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=suite.num_fewshot,
+                batch_size=batch_size,
+                limit=wanted,
+                samples=samples,
+                bootstrap_iters=0,
+                log_samples=True,
+                gen_kwargs=dict(suite.gen_kwargs) if suite.gen_kwargs else None,
+                task_manager=manager,
+                apply_chat_template=apply_chat_template,
+                confirm_run_unsafe_code=allow_code_execution,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
         return _benchmark_row(b, suite, output, seconds=time.time() - started)
     except Exception as error:  # isolate the failure: this benchmark only
         log.warning("benchmark %s failed: %s", b.name, _first_line(error))
@@ -490,10 +493,11 @@ def _evaluate_together(lm, manager, runnable: list[Benchmark], suite: Suite, lim
             if task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=seed)
-        output = lm_eval.evaluator.evaluate(
-            lm=lm, task_dict=loaded, samples=samples or None, bootstrap_iters=0, log_samples=True,
-            confirm_run_unsafe_code=allow_code_execution,
-        )
+        with third_party_bars_off_the_notebook():  # lm-eval's bars: not into the executed notebook
+            output = lm_eval.evaluator.evaluate(
+                lm=lm, task_dict=loaded, samples=samples or None, bootstrap_iters=0, log_samples=True,
+                confirm_run_unsafe_code=allow_code_execution,
+            )
     except Exception as error:
         log.info("evaluating %s together failed (%s); evaluating benchmark by benchmark", names, _first_line(error))
         return None

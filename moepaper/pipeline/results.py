@@ -339,7 +339,7 @@ def sweep(
 def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting, model_name, calibration, statistics_path,
            out_dir, limit, batch_size, seed, include_unpruned, allow_code_execution, apply_chat_template, progress,
            reuse_identical, on_entry, stats_hash, settings, from_disk=None) -> list[Path]:
-    from tqdm.auto import tqdm
+    from ..progress import progress as tqdm
 
     from ..pruning import mask_experts, replace_with_novices, select_experts
 

@@ -12,7 +12,8 @@ from moepaper import reproduce
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-EXPECTED = {"00_formulation", "01_collect_statistics", "02_prune_and_evaluate", "03_damage_check", "04_tables_and_figures"}
+EXPECTED = {"00_formulation", "00_formulation_solutions", "01_collect_statistics", "02_prune_and_evaluate", "03_damage_check",
+            "04_tables_and_figures"}
 
 
 def test_every_notebook_is_there():
@@ -57,6 +58,13 @@ def test_tiny_configuration_executes_every_notebook_and_resumes():
     runs = REPO / "runs" / "tiny"
     for notebook in EXPECTED:
         assert list(runs.glob(f"{notebook[:2]}*.ipynb")), f"no executed copy of {notebook}"
+    assert (runs / reproduce.SOLUTIONS).exists(), "the exercise solutions did not run"
+    # the kernel talks over IPC and is not interrupted at shutdown; the notebooks' bars go to the terminal
+    for noise in ("without encryption", "KeyboardInterrupt caught", "RuntimeWarning"):
+        assert noise not in first.stdout + first.stderr, noise
+    for executed in runs.glob("*.ipynb"):
+        text = executed.read_text()
+        assert "widget-view" not in text and "it/s]" not in text, f"{executed.name} carries a progress bar"
     assert list((runs / "statistics").rglob("*.safetensors"))
     assert list((runs / "results").rglob("*.json"))
     figures = {p.suffix for p in (runs / "figures").iterdir()}
@@ -86,3 +94,77 @@ def test_notebooks_run_in_the_given_root_whatever_the_environment_says(tmp_path,
     assert reproduce.run_notebook("x.ipynb", root / "runs" / "x.ipynb", {}, root=root)
     assert seen == {"root": str(root), "cwd": str(root), "path": str(root / "notebooks" / "x.ipynb")}
     assert os.environ["MOEPAPER_ROOT"] == str(tmp_path / "other-clone")
+
+
+def test_solutions_run_after_00_with_its_parameters():
+    for name, config in reproduce.CONFIGS.items():
+        steps = [(nb, params) for nb, _, params in reproduce.plan(config, REPO)]
+        names = [nb for nb, _ in steps]
+        if "00_formulation.ipynb" in names:
+            i = names.index("00_formulation.ipynb")
+            assert names[i + 1] == reproduce.SOLUTIONS, name
+            assert steps[i + 1][1] == steps[i][1], name
+
+
+def test_section_headings_are_what_the_terminal_shows():
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_markdown_cell("# Title\n\n## 1 · Load\ntext"),
+        nbformat.v4.new_code_cell("y = 2"),
+        nbformat.v4.new_markdown_cell("no heading here"),
+        nbformat.v4.new_code_cell("z = 3"),
+        nbformat.v4.new_markdown_cell("## 2 · Prune"),
+        nbformat.v4.new_code_cell("w = 4"),
+    ])
+    assert reproduce._headings(nb) == ["", "1 · Load", "1 · Load", "1 · Load", "1 · Load", "2 · Prune", "2 · Prune"]
+
+
+def test_html_copy_is_rendered_without_timestamps_and_reproducibly(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Hello $x^2$"), nbformat.v4.new_code_cell("1 + 1")])
+    nb.cells[1].outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=1)]
+    nb.cells[1].metadata["papermill"] = {"start_time": "2026-11-30T22:00:00.123456", "end_time": "2026-11-30T22:00:01.0"}
+    nb.cells[1].metadata["execution"] = {"iopub.execute_input": "2026-11-30T22:00:00.2"}
+    nb.metadata["papermill"] = {"start_time": "2026-11-30T21:59:59.0", "duration": 1.5}
+    executed = tmp_path / "x.ipynb"
+    nbformat.write(nb, executed)
+    first = reproduce.render_html(executed, tmp_path / "docs" / "x.html").read_text()
+    assert "Hello" in first and "2026-11-30" not in first
+    assert reproduce.render_html(executed, tmp_path / "docs" / "x.html").read_text() == first
+
+
+def test_embedded_configuration_renders_html_under_docs():
+    assert reproduce.CONFIGS["embedded"].html_dir == "docs/notebooks"
+    assert reproduce.CONFIGS["tiny"].html_dir is None and reproduce.CONFIGS["paper"].html_dir is None
+
+
+def test_kernel_manager_uses_ipc_and_does_not_interrupt_a_kernel_being_shut_down():
+    import asyncio
+    import os
+
+    from papermill.engines import papermill_engines
+
+    assert reproduce._engine() == "moepaper" and papermill_engines.get_engine("moepaper") is papermill_engines.get_engine(reproduce._engine())
+    manager_class = reproduce._local_kernel_manager()
+    manager = manager_class()
+    assert manager.transport == ("tcp" if os.name == "nt" else "ipc")
+    interrupted = []
+
+    async def parent_interrupt(self):
+        interrupted.append(True)
+
+    base = manager_class.__mro__[1]
+    previous = base._async_interrupt_kernel
+    base._async_interrupt_kernel = parent_interrupt
+    try:
+        manager.shutting_down = True
+        asyncio.run(manager._async_interrupt_kernel())
+        assert interrupted == []
+        manager.shutting_down = False
+        asyncio.run(manager._async_interrupt_kernel())
+        assert interrupted == [True]
+    finally:
+        base._async_interrupt_kernel = previous
