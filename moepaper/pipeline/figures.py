@@ -655,7 +655,7 @@ def plot_damage_correlation(correlations: pd.DataFrame, *, measure: str = "loss_
     axes[0].set_yticks(range(len(order)), [_point_label(n) for n in order])
     axes[0].set_ylim(-0.7, len(order) - 0.3)
     what = measure.replace("_", " ")
-    fig.suptitle(title or f"criterion score vs measured damage ({what}): mean within-layer ρ, 95% bootstrap interval")
+    fig.suptitle(title or f"criterion score vs measured damage ({what}):\nmean within-layer ρ, 95% bootstrap interval")
     return fig
 
 

@@ -670,7 +670,7 @@ def write_rank_intervals(boot: pd.DataFrame, out_dir: str | Path, name: str = "r
     table = rank_interval_table(boot, digits=digits)
     md, tex = out_dir / f"{name}.md", out_dir / f"{name}.tex"
     md.write_text(to_markdown(table) + "\n\n" + rank_interval_caption(boot) + "\n")
-    tex.write_text(to_latex(table, caption=rank_interval_caption(boot, latex=True), label=f"tab:{name}"))
+    tex.write_text(to_latex(table, caption=rank_interval_caption(boot), label=f"tab:{name}"))  # to_latex escapes
     return [md, tex]
 
 
