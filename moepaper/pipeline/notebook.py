@@ -24,6 +24,9 @@ def setup(*, seed: int = 0, threads: int | None = None, precision: int | None = 
 
     from .figures import set_style
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no "Loading weights" bar left in executed notebooks
     set_matplotlib_formats("png")  # a Figure as a cell's value renders as an image
     set_style()
     if precision is not None:

@@ -168,3 +168,14 @@ def test_kernel_manager_uses_ipc_and_does_not_interrupt_a_kernel_being_shut_down
         assert interrupted == [True]
     finally:
         base._async_interrupt_kernel = previous
+
+
+def test_html_copies_only_of_notebooks_without_timings():
+    """01 and 02 print how long the pass and each entry took; their pages would change on every run."""
+    from pathlib import Path
+
+    assert not reproduce.wants_html(Path("runs/embedded/01__embedded__embedded-mixed.ipynb"))
+    assert not reproduce.wants_html(Path("runs/embedded/02__embedded__embedded-mixed__named.ipynb"))
+    assert all(reproduce.wants_html(Path(f"runs/embedded/{name}")) for name in
+               ("00_formulation.ipynb", "00_formulation_solutions.ipynb", "03_damage_check.ipynb", "04__embedded.ipynb"))
+    assert reproduce.CONFIGS["embedded-pooled"].html_dir is None  # one set of pages: the default model's
