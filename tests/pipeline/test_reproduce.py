@@ -58,7 +58,7 @@ def test_embedded_plan_collects_every_draw_and_sweeps_named_on_all_and_grid_apar
     assert tables["results_dir"] == "data/results/named" and tables["grid_results_dir"] == "data/results/grid"
     assert tables["statistics"] == {s: f"data/statistics/{name}/{s.replace(':', '-')}.safetensors" for s in SOURCES}
     science = [p for nb, _, p in reproduce.plan(reproduce.CONFIGS[name], REPO) if nb.startswith(("00", "03"))]
-    assert len(science) == 2 and all(p["model"] == name for p in science)
+    assert len(science) == 3 and all(p["model"] == name for p in science)  # 00, its solutions, 03
     # the default model's tables compare both models' rankings; the ablation's do not
     assert tables.get("compare_models") == (["embedded", "embedded-pooled"] if name == "embedded" else None)
 
