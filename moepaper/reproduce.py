@@ -385,9 +385,11 @@ def wants_html(executed: Path) -> bool:
     return not executed.name.startswith(("01__", "02__"))
 
 
-def render_html(executed: Path, target: Path) -> Path:
-    """An HTML copy of an executed notebook (nbconvert's lab template, images inline), without
-    papermill's per-cell timestamps, so reruns with the same outputs give the same file."""
+def render_html(executed: Path, target: Path, root: Path | None = None) -> Path:
+    """An HTML copy of an executed notebook (nbconvert's lab template, images inline) that is
+    the same file whenever the outputs are the same: without papermill's per-cell timestamps,
+    with a fixed id for papermill's injected-parameters cell (papermill draws a random one), and
+    with the checkout's absolute path `root` written as ``.`` (notebooks print where they run)."""
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -395,8 +397,12 @@ def render_html(executed: Path, target: Path) -> Path:
     for cell in nb.cells:
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell["id"] = "injected-parameters"
     nb.metadata.pop("papermill", None)
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    if root is not None:
+        body = body.replace(str(Path(root).resolve()), ".")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(body, encoding="utf-8")
     return target
@@ -489,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             if config.html_dir and wants_html(output):
                 html = root / config.html_dir / output.with_suffix(".html").name
                 if not html.exists() or html.stat().st_mtime < output.stat().st_mtime:
-                    print(f"    html -> {render_html(output, html).relative_to(root)}", flush=True)
+                    print(f"    html -> {render_html(output, html, root).relative_to(root)}", flush=True)
         print(f"done in {time.time() - started:.0f} s: tables and figures in {config.figures_dir}/")
     return 0
 

@@ -136,6 +136,26 @@ def test_html_copy_is_rendered_without_timestamps_and_reproducibly(tmp_path):
     assert reproduce.render_html(executed, tmp_path / "docs" / "x.html").read_text() == first
 
 
+def test_html_copy_does_not_depend_on_the_checkout_or_papermills_random_cell_id(tmp_path):
+    """Two checkouts executing the same notebook render the same page."""
+    import nbformat
+
+    pages = []
+    for checkout, cell_id in (("a", "96c68bc4"), ("b", "543330ea")):
+        root = tmp_path / checkout
+        root.mkdir()
+        params = nbformat.v4.new_code_cell("model = 'embedded'", metadata={"tags": ["injected-parameters"]})
+        params["id"] = cell_id  # papermill draws a new one on every run
+        code = nbformat.v4.new_code_cell("print(root)")
+        code["id"] = "print-root"  # the notebook's own cells keep their ids
+        code.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"project {root.resolve()}\n")]
+        nb = nbformat.v4.new_notebook(cells=[params, code])
+        nbformat.write(nb, root / "x.ipynb")
+        pages.append(reproduce.render_html(root / "x.ipynb", root / "x.html", root).read_text())
+    assert pages[0] == pages[1]
+    assert "project ." in pages[0] and str(tmp_path) not in pages[0]
+
+
 def test_embedded_configuration_renders_html_under_docs():
     assert reproduce.CONFIGS["embedded"].html_dir == "docs/notebooks"
     assert reproduce.CONFIGS["tiny"].html_dir is None and reproduce.CONFIGS["paper"].html_dir is None
