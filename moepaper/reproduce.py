@@ -58,6 +58,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -388,7 +389,8 @@ def wants_html(executed: Path) -> bool:
 def render_html(executed: Path, target: Path, root: Path | None = None) -> Path:
     """An HTML copy of an executed notebook (nbconvert's lab template, images inline) that is
     the same file whenever the outputs are the same: without papermill's per-cell timestamps,
-    with a fixed id for papermill's injected-parameters cell (papermill draws a random one), and
+    with a fixed id for papermill's injected-parameters cell (papermill draws a random one), pandas'
+    styled tables numbered in order (pandas names them with random uuids), and
     with the checkout's absolute path `root` written as ``.`` (notebooks print where they run)."""
     import nbformat
     from nbconvert import HTMLExporter
@@ -403,6 +405,9 @@ def render_html(executed: Path, target: Path, root: Path | None = None) -> Path:
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
     if root is not None:
         body = body.replace(str(Path(root).resolve()), ".")
+    # pandas' Styler names each styled table with a random uuid ("T_1e6c6"): number them instead
+    names: dict[str, str] = {}
+    body = re.sub(r"\bT_([0-9a-f]{5})(?=[_\" ])", lambda m: names.setdefault(m.group(1), f"T_table{len(names)}"), body)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(body, encoding="utf-8")
     return target

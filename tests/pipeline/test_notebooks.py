@@ -141,14 +141,15 @@ def test_html_copy_does_not_depend_on_the_checkout_or_papermills_random_cell_id(
     import nbformat
 
     pages = []
-    for checkout, cell_id in (("a", "96c68bc4"), ("b", "543330ea")):
+    for checkout, cell_id, table in (("a", "96c68bc4", "1e6c6"), ("b", "543330ea", "25790")):
         root = tmp_path / checkout
         root.mkdir()
         params = nbformat.v4.new_code_cell("model = 'embedded'", metadata={"tags": ["injected-parameters"]})
         params["id"] = cell_id  # papermill draws a new one on every run
         code = nbformat.v4.new_code_cell("print(root)")
         code["id"] = "print-root"  # the notebook's own cells keep their ids
-        code.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"project {root.resolve()}\n")]
+        code.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"project {root.resolve()}\n"),
+                        nbformat.v4.new_output("display_data", {"text/html": f'<table id="T_{table}"><tr id="T_{table}_row0"></tr></table>'})]  # pandas Styler
         nb = nbformat.v4.new_notebook(cells=[params, code])
         nbformat.write(nb, root / "x.ipynb")
         pages.append(reproduce.render_html(root / "x.ipynb", root / "x.html", root).read_text())
