@@ -6,17 +6,21 @@
 For each model, in one process (the machine is noisy, so we report ratios measured in the
 same run), on the local suite (6 benchmarks):
 - build:   lm-eval's task manager (first use) and loading the 6 tasks (datasets, documents);
-- stock:   `moepaper.pipeline.evaluation.evaluate(..., fast=False)`, one `simple_evaluate`
-           per benchmark as before (tasks re-loaded per call), per-benchmark seconds;
-- fast:    `evaluate(..., fast=True)`, the default: tasks loaded once per process and reused,
+- stock:   `moepaper.pipeline.evaluation.evaluate(..., fast=False, packed=False)`: stock HFLM,
+           one `simple_evaluate` per benchmark (tasks re-loaded per call), per-benchmark seconds;
+- fast:    `evaluate(..., packed=False)`: stock HFLM, tasks loaded once per process and reused,
            one `lm_eval.evaluator.evaluate` over the whole suite with per-item logging;
 - model:   inside the fast run, the seconds spent in HFLM's model call (forward + log-softmax
            excluded) and the padded token count it was fed;
 - plain:   a plain batched forward (`model(ids).logits`, no lm-eval) over exactly the token
            rows the fast run fed the model, length-sorted into batches of --batch-size
-           (right-padded), and the real (unpadded) token count.
-Ratios: stock / fast, fast / plain (lm-eval overhead), padded / real tokens. The fast and
-stock values are compared (max absolute difference of each benchmark's value).
+           (right-padded), and the real (unpadded) token count;
+- packed:  `evaluate(...)`, the default: one lm-eval call with `moepaper.pipeline.packed.PackedHFLM`
+           (a multiple-choice item's context once for its four choices, only scored positions
+           through the vocabulary head, rows sorted by length), and the tokens it fed the model.
+Ratios: stock / fast, fast / plain (lm-eval overhead), padded / real tokens, stock / packed and
+fast / packed (the speed-up), tokens fed fast / packed. Values: max |fast - stock| and
+max |packed - fast| per benchmark, and whether every per-item accuracy of packed equals fast's.
 
 `--model random` builds an untrained model of the default embedded shape (Qwen3-MoE, 64
 experts, top-8, expert width 32, hidden 256, 4 layers, vocab 4096) with the embedded
@@ -49,6 +53,27 @@ def build(name: str):
     from moepaper.testbed.train import TrainConfig, build_model
 
     return build_model(TrainConfig(), tokenizer).eval(), tokenizer
+
+
+@contextmanager
+def packed_recording():
+    """Count what PackedHFLM feeds the model: calls, padded tokens (rows x longest row), real tokens."""
+    from moepaper.pipeline.packed import PackedHFLM
+
+    record = {"calls": 0, "padded_tokens": 0, "real_tokens": 0}
+    score = PackedHFLM._score
+
+    def counted(self, batch):
+        record["calls"] += 1
+        record["padded_tokens"] += len(batch) * len(batch[0])
+        record["real_tokens"] += sum(len(t) for t in batch)
+        return score(self, batch)
+
+    PackedHFLM._score = counted
+    try:
+        yield record
+    finally:
+        PackedHFLM._score = score
 
 
 @contextmanager
@@ -107,13 +132,25 @@ def measure(name: str, batch_size: int, limit, experts: str | None) -> dict:
 
     evaluation.evaluate(model, tokenizer, "local", limit=1, batch_size=batch_size)  # warm-up (imports, env report)
     start = time.perf_counter()
-    stock = evaluation.evaluate(model, tokenizer, "local", limit=limit, batch_size=batch_size, fast=False)
+    stock = evaluation.evaluate(model, tokenizer, "local", limit=limit, batch_size=batch_size, fast=False, packed=False)
     out["stock_s"] = time.perf_counter() - start
     out["stock_per_benchmark_s"] = {r.benchmark: float(r.note.split()[0]) for r in stock.itertuples()}
     with recording() as rec:
         start = time.perf_counter()
-        fast = evaluation.evaluate(model, tokenizer, "local", limit=limit, batch_size=batch_size, fast=True)
+        fast = evaluation.evaluate(model, tokenizer, "local", limit=limit, batch_size=batch_size, fast=True, packed=False)
         out["fast_s"] = time.perf_counter() - start
+    with packed_recording() as packed_rec:
+        start = time.perf_counter()
+        packed = evaluation.evaluate(model, tokenizer, "local", limit=limit, batch_size=batch_size)
+        out["packed_s"] = time.perf_counter() - start
+    out["packed_calls"] = packed_rec["calls"]
+    out["packed_padded_tokens"] = packed_rec["padded_tokens"]
+    out["packed_real_tokens"] = packed_rec["real_tokens"]
+    out["max_abs_packed_difference"] = float((packed["value"] - fast["value"]).abs().max())
+    out["packed_items_equal"] = {
+        r.benchmark: r.items == f.items if "acc" in r.items else None
+        for r, f in zip(packed.itertuples(), fast.itertuples())
+    }
     out["fast_model_call_s"] = rec["model_seconds"]
     out["model_calls"] = rec["calls"]
     out["padded_tokens"] = rec["padded_tokens"]
@@ -123,6 +160,7 @@ def measure(name: str, batch_size: int, limit, experts: str | None) -> dict:
     out["items"] = {r.benchmark: int(r.n) for r in fast.itertuples()}
     out["max_abs_value_difference"] = float((fast["value"] - stock["value"]).abs().max())
     out["values"] = {r.benchmark: r.value for r in fast.itertuples()}
+    out["packed_values"] = {r.benchmark: r.value for r in packed.itertuples()}
     return out
 
 
@@ -155,6 +193,15 @@ def main():
               f"| {r['plain_s']:.2f} | {r['fast_s'] / r['plain_s']:.2f}x | {r['fast_model_call_s'] / r['plain_s']:.2f}x "
               f"| {r['padded_tokens'] / r['real_tokens']:.2f} | {r['real_tokens']} | {r['rows']} "
               f"| {r['max_abs_value_difference']:.2e} |", flush=True)
+        print("| packed s | stock / packed | fast / packed | packed calls | tokens fed (fast / packed) "
+              "| packed padded / real | max |packed - fast| | accuracies per item equal |")
+        print("|---|---|---|---|---|---|---|---|")
+        equal = [k for k, v in r["packed_items_equal"].items() if v is not None]
+        print(f"| {r['packed_s']:.2f} | {r['stock_s'] / r['packed_s']:.2f}x | {r['fast_s'] / r['packed_s']:.2f}x "
+              f"| {r['packed_calls']} | {r['padded_tokens']} / {r['packed_padded_tokens']} "
+              f"({r['padded_tokens'] / r['packed_padded_tokens']:.2f}x) "
+              f"| {r['packed_padded_tokens'] / r['packed_real_tokens']:.2f} | {r['max_abs_packed_difference']:.2e} "
+              f"| {sum(r['packed_items_equal'][k] for k in equal)} of {len(equal)} benchmarks |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -275,13 +275,17 @@ def _row(benchmark: Benchmark, suite: Suite, **values) -> dict:
     return row
 
 
-def _build_lm(model, tokenizer, backend: str, batch_size: int, device: str | None, model_args: dict | None):
+def _build_lm(model, tokenizer, backend: str, batch_size: int, device: str | None, model_args: dict | None,
+              packed: bool = False):
     if backend == "hf":
         from lm_eval.models.huggingface import HFLM
 
+        from .packed import PackedHFLM
+
+        cls = PackedHFLM if packed else HFLM
         if isinstance(model, (str, Path)):
-            return HFLM(pretrained=str(model), tokenizer=tokenizer, batch_size=batch_size, device=device or "cpu", **(model_args or {}))
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **(model_args or {}))
+            return cls(pretrained=str(model), tokenizer=tokenizer, batch_size=batch_size, device=device or "cpu", **(model_args or {}))
+        return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **(model_args or {}))
     if backend == "vllm":
         if not isinstance(model, (str, Path)):
             raise ValueError(
@@ -314,6 +318,7 @@ def evaluate(
     spread: bool = True,
     quiet: bool = True,
     fast: bool = True,
+    packed: bool = True,
 ) -> pd.DataFrame:
     """Evaluate `model` on a suite; one row per benchmark (`RESULT_COLUMNS`).
 
@@ -342,6 +347,10 @@ def evaluate(
         batches, hence the same numbers). Used when the suite overrides neither few-shot
         counts nor generation settings, no chat template is applied and no benchmark is a
         group; otherwise, or if the joint call fails, one ``simple_evaluate`` per benchmark.
+    packed: with ``backend="hf"``, score loglikelihood requests with `moepaper.pipeline.packed.PackedHFLM`:
+        the four choices of an item share one pass over their context, only scored positions reach
+        the vocabulary head, rows are sorted by length (same requests; accuracies identical to stock
+        HFLM, loglikelihoods to float rounding). False: stock HFLM, call for call.
 
     Returns a DataFrame with columns benchmark, label, task, metric, value (lm-eval's raw
     value, e.g. accuracy in [0, 1]), stderr, higher_is_better, n (items evaluated), status
@@ -377,7 +386,7 @@ def evaluate(
         try:
             reason = nonfinite_logits(model, tokenizer)
             lm = None if reason else _build_lm(model, tokenizer, backend, batch_size, device,
-                                               {**(suite.model_args or {}), **(model_args or {})})
+                                               {**(suite.model_args or {}), **(model_args or {})}, packed and backend == "hf")
         except Exception as error:  # e.g. a backend whose package is missing
             reason = _first_line(error)
         if reason:

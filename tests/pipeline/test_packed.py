@@ -1,0 +1,135 @@
+"""Packed scoring (moepaper.pipeline.packed): the stock HFLM's answers from fewer tokens."""
+
+import random
+
+import pytest
+import torch
+
+from moepaper.testbed.tiny import tiny_model
+
+lm_eval_hf = pytest.importorskip("lm_eval.models.huggingface")
+
+
+def _lm(model, cls, max_length=64, batch_size=4, **kwargs):
+    """An lm-eval HFLM (`cls`) over `model` with a word-level tokenizer: "t5 t9" -> [5, 9]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(128)}, unk_token="t1"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t0")
+    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("qwen3_moe", max_position_embeddings=256).eval()
+
+
+def _requests(seed=0, items=12, max_length=64):
+    """Multiple-choice-like requests: 4 continuations per context (one-token ones, a repeated one, long ones),
+    plus lone requests at the window's limit, in a shuffled order."""
+    rng = random.Random(seed)
+    requests = []
+    for i in range(items):
+        context = [rng.randrange(2, 128) for _ in range(rng.randrange(1, 30))]
+        choices = [[rng.randrange(2, 128) for _ in range(rng.choice([1, 1, 3, 8]))] for _ in range(3)]
+        choices.append(choices[0])  # the same choice twice: one branch, scored twice
+        requests += [((f"c{i}", f"k{k}"), context, choice) for k, choice in enumerate(choices)]
+    for j in range(4):  # rolling-window shaped: one context token, a full window
+        requests.append(((f"w{j}", ""), [rng.randrange(2, 128)], [rng.randrange(2, 128) for _ in range(max_length)]))
+    rng.shuffle(requests)
+    return requests
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_requests_score_as_stock_hflm(model, attention):
+    """Every request's loglikelihood equals stock HFLM's to float rounding and its greedy flag exactly,
+    through fewer model calls, with sdpa's boolean and eager's additive tree mask."""
+    from moepaper.pipeline.packed import PackedHFLM
+
+    model.set_attn_implementation(attention)
+    try:
+        requests = _requests()
+        stock = _lm(model, lm_eval_hf.HFLM)._loglikelihood_tokens(requests, disable_tqdm=True)
+        packed_lm = _lm(model, PackedHFLM)
+        packed = packed_lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert packed_lm.packed_calls > 0
+    assert [g for _, g in packed] == [g for _, g in stock]
+    assert [ll for ll, _ in packed] == pytest.approx([ll for ll, _ in stock], rel=1e-5, abs=1e-4)
+    assert len({ll for ll, _ in stock}) > len(requests) // 2  # the check is not vacuous: distinct values
+
+
+def test_a_context_whose_branches_overflow_the_window_is_split(model):
+    """Branches that would make a packed row longer than the model's window go to another row of the same context."""
+    from moepaper.pipeline.packed import PackedHFLM
+
+    context = list(range(2, 12))
+    requests = [(None, context, [20 + k] * 30) for k in range(4)]  # 10 + 4 × 29 > 64
+    packed_lm = _lm(model, PackedHFLM, max_length=64)
+    trees = packed_lm._trees(requests)
+    assert len(trees) > 1 and all(len(t) <= 64 for t in trees)
+    stock = _lm(model, lm_eval_hf.HFLM, max_length=64)._loglikelihood_tokens(requests, disable_tqdm=True)
+    packed = packed_lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert [ll for ll, _ in packed] == pytest.approx([ll for ll, _ in stock], rel=1e-5, abs=1e-4)
+
+
+def test_rolling_documents_score_as_stock_hflm(model):
+    """loglikelihood_rolling: lm-eval's windows of every document in one sorted call, summed per document."""
+    from lm_eval.api.instance import Instance
+
+    from moepaper.pipeline.packed import PackedHFLM
+
+    rng = random.Random(1)
+    texts = [" ".join(f"t{rng.randrange(2, 128)}" for _ in range(n)) for n in (5, 63, 64, 65, 200, 17)]
+    instances = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    stock = _lm(model, lm_eval_hf.HFLM).loglikelihood_rolling(instances, disable_tqdm=True)
+    packed_lm = _lm(model, PackedHFLM)
+    packed = packed_lm.loglikelihood_rolling(instances, disable_tqdm=True)
+    assert packed_lm.packed_calls > 0
+    assert packed == pytest.approx(stock, rel=1e-5)
+
+
+def test_unsupported_models_take_the_stock_path(model):
+    """An attention kernel the tree mask cannot be given to (here flex attention's name) or an automatic
+    batch size: stock HFLM, bit for bit."""
+    from moepaper.pipeline.packed import PackedHFLM
+
+    requests = _requests(seed=2, items=3)
+    stock = _lm(model, lm_eval_hf.HFLM)._loglikelihood_tokens(requests, disable_tqdm=True)
+    packed_lm = _lm(model, PackedHFLM)
+    original = model.config._attn_implementation
+    model.config._attn_implementation = "flex_attention"
+    try:
+        assert not packed_lm.packable(requests)
+    finally:
+        model.config._attn_implementation = original
+    too_long = [(None, [2] * 40, [3] * 30)]  # 70 > max_length + 1
+    assert not packed_lm.packable(too_long)
+    assert packed_lm._loglikelihood_tokens(too_long, disable_tqdm=True) == \
+        _lm(model, lm_eval_hf.HFLM)._loglikelihood_tokens(too_long, disable_tqdm=True)
+    assert packed_lm.packed_calls == 0
+    assert packed_lm.packable(requests)
+    packed = packed_lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert packed_lm.packed_calls > 0 and [g for _, g in packed] == [g for _, g in stock]
+    assert [ll for ll, _ in packed] == pytest.approx([ll for ll, _ in stock], rel=1e-5, abs=1e-4)
+
+
+def test_the_tree_mask_hides_sibling_branches():
+    from moepaper.pipeline.packed import _Tree
+
+    tree = _Tree([5, 6])
+    starts = {}
+    tree.add(0, [7, 8, 9], starts)
+    tree.add(1, [7, 8, 9], starts)  # the same branch: no new tokens
+    tree.add(2, [4], starts)  # one token: scored from the context's last position
+    tree.add(3, [1, 2], starts)
+    assert tree.tokens == [5, 6, 7, 8, 1] and tree.positions == [0, 1, 2, 3, 2]
+    assert tree.requests[0][1] == tree.requests[1][1] == [1, 2, 3] and tree.requests[2][1] == [1]
+    assert tree.requests[3][1] == [1, 4]
+    mask = tree.mask()
+    assert mask[4].tolist() == [True, True, False, False, True]  # branch 2 sees the context and itself
+    assert mask[3].tolist() == [True, True, True, True, False]
+    assert torch.equal(mask[:2, :2], torch.tril(torch.ones(2, 2, dtype=torch.bool)))
