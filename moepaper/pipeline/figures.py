@@ -301,8 +301,11 @@ def grid_caption(df: pd.DataFrame, table: pd.DataFrame, changes: pd.DataFrame) -
         bpb = f"Bits per byte: standard error from the records' stderr, about {float(pd.to_numeric(bpb_stderr).mean()):.3f} per benchmark."
     else:
         documents = f" over {int(bpb_n.max())} documents" if len(bpb_n) else ""
+        kept = "items" in df and df[df["benchmark"].isin(lower)]["items"].notna().all()
+        why = ("lm-eval reports none for bits per byte; the per-document values are in the records" if kept
+               else "lm-eval reports none for bits per byte and these records keep no per-document values")
         bpb = (f"Bits per byte (mean of {', '.join(info.loc[b, 'label'] for b in lower)}): one value{documents} per benchmark, "
-               "no standard error recorded (the evaluation keeps no per-document values).")
+               f"no standard error ({why}).")
     unpruned = table.loc[UNPRUNED]
     base = f"Unpruned: accuracy {unpruned[AVERAGE]:.1f}" + (f", bits per byte {unpruned[lower].mean():.3f}" if lower else "") + "."
     mone = ""

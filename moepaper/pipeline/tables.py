@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..criteria import AIMER, MONE, MONE_RANKING, NAMED_CRITERIA, criterion_grid
+from .calibration import parse_calibration_name
 from .evaluation import get_suite
 from .results import SETTINGS_FILE, UNPRUNED, slug
 
@@ -281,14 +282,11 @@ def gap_to_baseline(
     return gap
 
 
-_SEEDED_NAME = re.compile(r"^(?P<base>.*)@seed(?P<seed>\d+)$")  # calibration.SEED_SUFFIX
-
-
 def calibration_seed(calibration: str) -> tuple[str, int]:
     """A calibration draw's base name and seed: ``embedded:code@seed2`` -> ``("embedded:code", 2)``;
-    a name without a ``@seed<k>`` suffix is seed 0."""
-    match = _SEEDED_NAME.match(str(calibration))
-    return (match["base"], int(match["seed"])) if match else (str(calibration), 0)
+    a name without a ``@seed<k>`` suffix is seed 0 (`calibration.parse_calibration_name`, which
+    refuses a malformed suffix)."""
+    return parse_calibration_name(str(calibration))
 
 
 def calibration_domain(calibration: str) -> str | None:

@@ -208,3 +208,21 @@ def tiny_tokenizer(vocab_size: int = 128):
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+def reference_expert_output(experts, e: int, h: torch.Tensor) -> torch.Tensor:
+    """f_e(h) of expert `e` for ONE token `h` [H], straight from the fused weights, one matrix-vector
+    product at a time: the tests' reference for the statistics and the baselines, written
+    independently of `moepaper.statistics` (standard layout ``gate_up_proj [E, 2I, H]`` with the
+    gate first; gpt-oss's transposed, interleaved, biased layout with its clamped SwiGLU)."""
+    if experts.is_transposed:  # gpt-oss: [H, 2I] interleaved gate/up, biases, clamped SwiGLU
+        gate_up = h @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
+        gate, up = gate_up[0::2], gate_up[1::2]
+        gate = gate.clamp(max=experts.limit)
+        up = up.clamp(min=-experts.limit, max=experts.limit)
+        x = (up + 1) * (gate * torch.sigmoid(gate * experts.alpha))
+        return x @ experts.down_proj[e] + experts.down_proj_bias[e]
+    gate_up = experts.gate_up_proj[e] @ h  # [2I]
+    inter = experts.down_proj.shape[2]
+    x = experts.act_fn(gate_up[:inter]) * gate_up[inter:]
+    return experts.down_proj[e] @ x

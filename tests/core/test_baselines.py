@@ -22,23 +22,8 @@ from moepaper.criteria import (
 )
 from moepaper.pruning import mask_experts, replace_with_novices, select_experts
 from moepaper.statistics import StatisticsMismatchError, collect_statistics
-from moepaper.testbed.tiny import random_batch, tiny_model
+from moepaper.testbed.tiny import random_batch, reference_expert_output, tiny_model
 
-
-
-def expert_output(experts, e: int, h: torch.Tensor) -> torch.Tensor:
-    """f_e(h) for one token, straight from the fused weights (as in test_statistics)."""
-    if experts.is_transposed:  # gpt-oss: [H, 2I] interleaved gate/up, biases, clamped SwiGLU
-        gate_up = h @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
-        gate, up = gate_up[0::2], gate_up[1::2]
-        gate = gate.clamp(max=experts.limit)
-        up = up.clamp(min=-experts.limit, max=experts.limit)
-        x = (up + 1) * (gate * torch.sigmoid(gate * experts.alpha))
-        return x @ experts.down_proj[e] + experts.down_proj_bias[e]
-    gate_up = experts.gate_up_proj[e] @ h  # [2I]
-    inter = experts.down_proj.shape[2]
-    x = experts.act_fn(gate_up[:inter]) * gate_up[inter:]
-    return experts.down_proj[e] @ x
 
 # the families named by the issue, gpt-oss's transposed interleaved biased layout, and group-limited routing
 NOVICE_FAMILIES = ["qwen3_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3", "qwen2_moe", "gpt_oss"]
@@ -99,7 +84,7 @@ def _routed_outputs(model, batches):
             for t in range(hidden.shape[0]):
                 if mask[t]:
                     for s, e in enumerate(idx[t].tolist()):
-                        found[p][e].append((w[t, s].double(), expert_output(layer.experts, e, hidden[t]).detach().double()))
+                        found[p][e].append((w[t, s].double(), reference_expert_output(layer.experts, e, hidden[t]).detach().double()))
     return found, sum(int(b["attention_mask"].sum()) for b in batches)
 
 
@@ -130,7 +115,7 @@ def _reference_forward(experts, removed, novices):
         out = torch.zeros(hidden.shape, dtype=torch.float64)
         for t in range(hidden.shape[0]):
             for s, e in enumerate(idx[t].tolist()):
-                f = novices[e] if removed[e] else expert_output(experts, e, hidden[t]).double()
+                f = novices[e] if removed[e] else reference_expert_output(experts, e, hidden[t]).double()
                 out[t] += w[t, s].double() * f
         return out.to(hidden.dtype)
 

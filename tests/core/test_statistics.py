@@ -15,22 +15,7 @@ from moepaper import (
 
 )
 from moepaper.criteria import Criterion, mone_scores
-from moepaper.testbed.tiny import random_batch, tiny_model
-
-
-def expert_output(experts, e: int, h: torch.Tensor) -> torch.Tensor:
-    """f_e(h) for one token, straight from the fused weights (written independently of moepaper)."""
-    if experts.is_transposed:  # gpt-oss: [H, 2I] interleaved gate/up, biases, clamped SwiGLU
-        gate_up = h @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
-        gate, up = gate_up[0::2], gate_up[1::2]
-        gate = gate.clamp(max=experts.limit)
-        up = up.clamp(min=-experts.limit, max=experts.limit)
-        x = (up + 1) * (gate * torch.sigmoid(gate * experts.alpha))
-        return x @ experts.down_proj[e] + experts.down_proj_bias[e]
-    gate_up = experts.gate_up_proj[e] @ h  # [2I]
-    inter = experts.down_proj.shape[2]
-    x = experts.act_fn(gate_up[:inter]) * gate_up[inter:]
-    return experts.down_proj[e] @ x
+from moepaper.testbed.tiny import random_batch, reference_expert_output, tiny_model
 
 
 def brute_force(model, batches, gate="routing_weight"):
@@ -70,7 +55,7 @@ def brute_force(model, batches, gate="routing_weight"):
                 tokens[i] += 1
                 for k in range(idx.shape[1]):
                     e = int(idx[t, k])
-                    f = expert_output(layer.experts, e, hidden[t]).detach().double()
+                    f = reference_expert_output(layer.experts, e, hidden[t]).detach().double()
                     g = float(wts[t, k]) if gate == "routing_weight" else float(probs[t, e])
                     n = float(f.norm())
                     for a in range(3):
@@ -260,7 +245,7 @@ def test_mone_is_routing_score_times_output_spread(family, batch):
     for t in range(hidden.shape[0]):
         if mask[t]:
             for s, e in enumerate(idx[t].tolist()):
-                outputs[e].append(expert_output(layer.experts, e, hidden[t]).detach().double())
+                outputs[e].append(reference_expert_output(layer.experts, e, hidden[t]).detach().double())
                 gates[e] += float(weights[t, s])
     scores = mone_scores(stats)[0]
     for e, fs in outputs.items():
