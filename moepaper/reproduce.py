@@ -132,21 +132,20 @@ PAPER_RATIOS = {"olmoe": [0.25], "deepseek_v2_lite": [0.25], "ernie": [0.25, 0.5
 # The embedded runs: calibration seeds, and the grid sweep's item limit (the former committed sweep's).
 EMBEDDED_SEEDS = (0, 1, 2)
 GRID_LIMIT = {"mc": 80, "ppl": 30}
-# The named sweep's items per benchmark (evenly spaced): every item of the local suite would take
-# about an hour per model on 2 cores (benchmarks/evaluation.py), so the committed sweep uses a
-# subset and the bootstrap intervals carry the item noise it leaves.
-NAMED_LIMIT = {"mc": 60, "ppl": 20}
+# The named sweep evaluates every item of the local suite (1,579 items: 838 multiple-choice, 741
+# held-out documents), with the packed scoring of `moepaper.pipeline.packed` (benchmarks/evaluation.py).
+NAMED_LIMIT = "all"
 # the ablation first: the default model's notebook 04 compares both models' rankings
 DEFAULT_CONFIGS = ("embedded-pooled", "embedded")
 
 
 def _embedded_config(name: str, grid_calibrations: list[str], compare_models: tuple[str, ...] = ()) -> RunConfig:
     """Embedded model `name` on CPU: every draw collected, the named criteria on every item of
-    every draw at `NAMED_LIMIT` items (data/results/named/), the grid at `GRID_LIMIT` items on the seed-0 draws of
+    every draw on every item (`NAMED_LIMIT`, data/results/named/), the grid at `GRID_LIMIT` items on the seed-0 draws of
     `grid_calibrations` (data/results/grid/)."""
     calibrations = {"embedded:mixed": TASK_AGNOSTIC, "embedded:code": TASK_SPECIFIC, "embedded:math": TASK_SPECIFIC}
     sweeps = [
-        Sweep("named", dict(criteria="named", limit=dict(NAMED_LIMIT))),
+        Sweep("named", dict(criteria="named", limit=NAMED_LIMIT)),
         Sweep("grid", dict(criteria="grid", limit=dict(GRID_LIMIT)), results_dir=f"{DATA}/results/grid",
               calibrations=list(grid_calibrations), seeds=(0,)),
     ]
