@@ -61,6 +61,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,6 +275,19 @@ def _local_kernel_manager():
         "Kernel is running over TCP without encryption" (IPC is unavailable on Windows: TCP there)."""
 
         transport = CaselessStrEnum(["tcp", "ipc"], default_value="tcp" if os.name == "nt" else "ipc", config=True)
+
+        def _ip_default(self) -> str:
+            # jupyter_client names IPC sockets "kernel-ipc-<port>" in the working directory when no
+            # connection file is set yet, so two runs in one checkout at once (two configurations,
+            # or a test beside a sweep) would bind the same sockets and read each other's messages
+            # ("Invalid Signature"). Each kernel gets its own socket prefix in the runtime folder.
+            if self.transport == "ipc":
+                from jupyter_core.paths import jupyter_runtime_dir
+
+                folder = Path(jupyter_runtime_dir())
+                folder.mkdir(parents=True, exist_ok=True)
+                return str(folder / f"moepaper-{os.getpid()}-{uuid.uuid4().hex[:12]}-ipc")
+            return super()._ip_default()
 
         async def _async_interrupt_kernel(self) -> None:
             # jupyter_client interrupts the kernel before every shutdown request; an idle kernel

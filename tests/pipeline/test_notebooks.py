@@ -191,6 +191,21 @@ def test_kernel_manager_uses_ipc_and_does_not_interrupt_a_kernel_being_shut_down
         base._async_interrupt_kernel = previous
 
 
+def test_two_kernels_at_once_never_share_ipc_sockets():
+    """jupyter_client's default IPC prefix is "kernel-ipc" in the working directory: two runs in one
+    checkout at once (two configurations, a test beside a sweep) bound the same sockets and read
+    each other's messages ("Invalid Signature"). Each kernel has its own prefix, outside the checkout."""
+    import os
+
+    manager_class = reproduce._local_kernel_manager()
+    first, second = manager_class(kernel_name="moepaper"), manager_class(kernel_name="moepaper")
+    if os.name == "nt":
+        pytest.skip("IPC sockets are not used on Windows")
+    assert first.ip != second.ip
+    assert all(os.path.isabs(m.ip) and "kernel-ipc" != os.path.basename(m.ip) for m in (first, second))
+    assert not str(first.ip).startswith(str(REPO)) and len(first.ip) < 100  # unix socket paths are short
+
+
 def test_html_copies_only_of_notebooks_without_timings():
     """01 and 02 print how long the pass and each entry took; their pages would change on every run."""
     from pathlib import Path
