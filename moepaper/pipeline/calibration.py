@@ -25,7 +25,17 @@ Calibration draws: `seed` shuffles the documents before packing, so another seed
 windows of the same source. A draw is named `calibration_name(source, seed)` in results,
 tables and paths: the source itself for seed 0 (``"embedded:mixed"``), the source with
 ``@seed<k>`` for seed k > 0 (``"embedded:mixed@seed1"``; slug ``embedded-mixed-seed1``).
-`parse_calibration_name` inverts it.
+`parse_calibration_name` inverts it. Seeded draws of one source overlap: each shuffles the same
+documents, so two draws of a small split share most of their text.
+
+Disjoint draws: ``disjoint_draws(source, n)`` names the n draws of `source` that share no text,
+``"<source>@draw<k>of<n>"`` (``"embedded:literature@draw1of3"``; slug ``embedded-literature-draw1of3``).
+Draw k reads only the documents of part k of a fixed partition of the split (every document
+belongs to exactly one part: position mod n in one fixed shuffle, per domain for the mixed
+source), so no document, and no window, is in two draws. A draw's name is a source like any
+other: pass it wherever a source goes (`calibration_batches`, notebook 01's ``calibration``),
+with seed 0. `parse_calibration_name` gives ``(source, k)`` for it, so tables group the draws
+of one source as they group seeds.
 
 The hub sources are streamed through `datasets` when online. Offline (``HF_HUB_OFFLINE``
 or ``HF_DATASETS_OFFLINE`` set) they are read from the local `datasets` cache; when they
@@ -37,6 +47,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -97,6 +108,8 @@ STANDIN_PREFIX = "standin:"
 STANDIN_SOURCES = tuple(STANDIN_PREFIX + key for key in SOURCES)
 
 SEED_SUFFIX = "@seed"  # "embedded:mixed@seed1": the draw of embedded:mixed with seed 1
+DRAW_SUFFIX = "@draw"  # "embedded:literature@draw1of3": draw 1 of 3 disjoint draws of embedded:literature
+_DRAW = re.compile(r"^(?P<source>.+)@draw(?P<k>0|[1-9][0-9]*)of(?P<n>[1-9][0-9]*)$")
 
 # Documents kept in the shuffle buffer when streaming a hub source.
 SHUFFLE_BUFFER = 10_000
@@ -116,17 +129,45 @@ def hub_source(source: str) -> HubSource | None:
 
 
 def calibration_name(source: str, seed: int = 0) -> str:
-    """The name of the draw of `source` with `seed`: `source` for seed 0, ``<source>@seed<k>`` otherwise."""
+    """The name of the draw of `source` with `seed`: `source` for seed 0, ``<source>@seed<k>`` otherwise.
+    A disjoint draw (``<source>@draw<k>of<n>``) is its own name and takes seed 0 only."""
     if SEED_SUFFIX in source:
         raise ValueError(f"calibration source {source!r} already names a seed; pass the plain source and seed=")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r}: a calibration seed is an integer >= 0")
+    if seed and parse_draw(source) is not None:
+        raise ValueError(f"calibration source {source!r} is a disjoint draw: it has no seeds (seed={seed}); "
+                         f"its siblings are disjoint_draws({parse_draw(source)[0]!r}, {parse_draw(source)[2]})")
     return source if seed == 0 else f"{source}{SEED_SUFFIX}{seed}"
+
+
+def disjoint_draws(source: str, n: int = 3) -> list[str]:
+    """The names of the `n` disjoint draws of `source`: ``["<source>@draw0of<n>", ..., "<source>@draw<n-1>of<n>"]``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r}: the number of disjoint draws is an integer >= 1")
+    if SEED_SUFFIX in source or parse_draw(source) is not None:
+        raise ValueError(f"calibration source {source!r} already names a draw; pass the plain source")
+    return [f"{source}{DRAW_SUFFIX}{k}of{n}" for k in range(n)]
+
+
+def parse_draw(name: str) -> tuple[str, int, int] | None:
+    """``(source, k, n)`` of a disjoint draw's name (``"embedded:code@draw1of3"`` -> ``("embedded:code", 1, 3)``),
+    None for any other name; a malformed or out-of-range ``@draw`` suffix raises ValueError."""
+    if DRAW_SUFFIX not in name:
+        return None
+    match = _DRAW.match(name)
+    if match is None or int(match["k"]) >= int(match["n"]):
+        raise ValueError(f"calibration name {name!r}: a disjoint draw is named <source>{DRAW_SUFFIX}<k>of<n> with 0 <= k < n")
+    return match["source"], int(match["k"]), int(match["n"])
 
 
 def parse_calibration_name(name: str) -> tuple[str, int]:
     """``(source, seed)`` of a draw's name: ``"embedded:mixed@seed2"`` -> ``("embedded:mixed", 2)``,
-    ``"embedded:mixed"`` -> ``("embedded:mixed", 0)``."""
+    ``"embedded:mixed"`` -> ``("embedded:mixed", 0)``; a disjoint draw gives ``(source, k)``:
+    ``"embedded:literature@draw2of3"`` -> ``("embedded:literature", 2)``."""
+    draw = parse_draw(name)
+    if draw is not None:
+        return draw[0], draw[1]
     source, suffix, seed = name.partition(SEED_SUFFIX)
     if not suffix:
         return name, 0
@@ -179,6 +220,17 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+def _part(records: Iterator, part: tuple[int, int] | None) -> Iterator:
+    """Every n-th record from the k-th (part k of n), or all records (part None)."""
+    if part is None:
+        yield from records
+        return
+    k, n = part
+    for i, record in enumerate(records):
+        if i % n == k:
+            yield record
+
+
 def _hub_documents(key: str, seed: int) -> Iterator[dict]:
     """Records of a hub source, shuffled with `seed`."""
     source = SOURCES[key]
@@ -209,8 +261,9 @@ def _standin_documents(key: str, seed: int) -> Iterator[dict]:
     yield from records
 
 
-def _embedded_documents(key: str, seed: int, split: str = "calibration") -> Iterator[str]:
-    """Documents of one split of the embedded corpus, shuffled; "mixed" interleaves domains."""
+def _embedded_documents(key: str, seed: int, split: str = "calibration", part: tuple[int, int] | None = None) -> Iterator[str]:
+    """Documents of one split of the embedded corpus, shuffled; "mixed" interleaves domains.
+    part (k, n): only part k of n of each domain's documents (a fixed partition, `disjoint_draws`)."""
     from ..testbed.corpus import DOMAINS, read_split
 
     domain = key[len(EMBEDDED_PREFIX):]
@@ -220,7 +273,12 @@ def _embedded_documents(key: str, seed: int, split: str = "calibration") -> Iter
     per_domain = []
     for d in domains:
         documents = read_split(d, split)
-        random.Random(f"{seed}-{d}" if split == "calibration" else f"{seed}-{d}-{split}").shuffle(documents)
+        if part is not None:  # one fixed shuffle per domain and split, whatever the draw: parts never overlap
+            k, n = part
+            random.Random(f"parts-{d}-{split}").shuffle(documents)
+            documents = documents[k::n]
+        else:
+            random.Random(f"{seed}-{d}" if split == "calibration" else f"{seed}-{d}-{split}").shuffle(documents)
         per_domain.append(documents)
     # round-robin: equal shares of documents from each domain while all last
     for i in range(max(len(docs) for docs in per_domain)):
@@ -249,9 +307,18 @@ def calibration_texts(source: str, tokenizer=None, *, seed: int = 0, split: str 
     """The documents of `source` as text, in a seeded random order (chat records formatted).
 
     split: for embedded sources, the corpus split to read (``"test"`` for held-out data).
+    A disjoint draw (``<source>@draw<k>of<n>``) reads part k of n of the source's documents in
+    one fixed order (seed 0 only): embedded splits are partitioned per domain, hub and stand-in
+    records by their position in the seed-0 shuffle.
     """
+    draw = parse_draw(source)
+    part = None
+    if draw is not None:
+        if seed:
+            raise ValueError(f"calibration source {source!r} is a disjoint draw: it has no seeds (seed={seed})")
+        source, part = draw[0], (draw[1], draw[2])
     if source.startswith(EMBEDDED_PREFIX):
-        yield from _embedded_documents(source, seed, split)
+        yield from _embedded_documents(source, seed, split, part)
         return
     if split != "calibration":
         raise ValueError(f"split={split!r}: only embedded sources have splits; {source!r} is a hub source")
@@ -260,7 +327,7 @@ def calibration_texts(source: str, tokenizer=None, *, seed: int = 0, split: str 
         raise ValueError(f"unknown calibration source {source!r}; known: {', '.join(available_sources())}")
     key = source.removeprefix(STANDIN_PREFIX)
     records = _standin_documents(key, seed) if source.startswith(STANDIN_PREFIX) else _hub_documents(key, seed)
-    for record in records:  # only where records come from differs; formatting is the source's
+    for record in _part(records, part):  # only where records come from differs; formatting is the source's
         yield format_record(record, hub, tokenizer)
 
 
@@ -279,7 +346,7 @@ def calibration_sequences(source: str, tokenizer, *, n_sequences: int, seq_len: 
     if n_sequences < 1 or seq_len < 1:
         raise ValueError("n_sequences and seq_len must be positive")
     eos = tokenizer.eos_token_id
-    hub = hub_source(source)
+    hub = hub_source(_plain(source))
     chat = hub is not None and hub.chat and bool(getattr(tokenizer, "chat_template", None))
     sequences = torch.empty(n_sequences, seq_len, dtype=torch.long)
     buffer: list[int] = []
@@ -332,9 +399,15 @@ def calibration_batches(
         yield {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
+def _plain(source: str) -> str:
+    """`source` without a disjoint draw's suffix."""
+    draw = parse_draw(source)
+    return source if draw is None else draw[0]
+
+
 def calibration_description(source: str, *, n_sequences: int, seq_len: int, seed: int) -> str:
     """A one-line description for `collect_statistics(calibration=...)` and result provenance."""
-    hub = hub_source(source)
+    hub = hub_source(_plain(source))
     if source.startswith(STANDIN_PREFIX) and hub is not None:
         where = f"stand-in rows in the schema of {hub.path}"
     else:

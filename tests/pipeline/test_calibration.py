@@ -72,3 +72,58 @@ def test_calibration_names_of_seeded_draws():
             parse_calibration_name(bad)
     with pytest.raises(ValueError, match="integer >= 0"):
         calibration_name("embedded:mixed", -1)
+
+
+@pytest.mark.parametrize("source", ["embedded:literature", "embedded:mixed", "embedded:code", "embedded:math", "standin:c4"])
+def test_disjoint_draws_share_no_document_and_no_window(source):
+    """The draws of `disjoint_draws` read disjoint parts of the split: no document is in two of them,
+    together they hold every document, and each is the same on every call."""
+    from moepaper.pipeline.calibration import calibration_texts, disjoint_draws
+
+    tokenizer = tiny_tokenizer()
+    names = disjoint_draws(source, 3)
+    assert names == [f"{source}@draw{k}of3" for k in range(3)]
+    from collections import Counter
+
+    texts = [list(calibration_texts(name, tokenizer)) for name in names]
+    assert all(texts)
+    everything = list(calibration_texts(source, tokenizer))
+    assert Counter(t for part in texts for t in part) == Counter(everything)  # a partition of the documents
+    repeated = {t for t, k in Counter(everything).items() if k > 1}  # the split itself holds one document twice (code)
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not (set(texts[a]) & set(texts[b])) - repeated, (source, a, b)
+    assert list(calibration_texts(names[1], tokenizer)) == texts[1]
+    if source.startswith("embedded:"):
+        windows = [{tuple(r.tolist()) for r in torch.cat([b["input_ids"] for b in calibration_batches(name, tokenizer, n_sequences=4, seq_len=64)])}
+                   for name in names]
+        assert not (windows[0] & windows[1]) and not (windows[1] & windows[2])
+
+
+def test_disjoint_draw_names():
+    from moepaper.pipeline.calibration import (
+        calibration_description,
+        calibration_name,
+        calibration_name_from_description,
+        disjoint_draws,
+        parse_calibration_name,
+        parse_draw,
+    )
+    from moepaper.pipeline.keys import slug
+
+    name = disjoint_draws("embedded:literature")[2]
+    assert parse_draw(name) == ("embedded:literature", 2, 3)
+    assert parse_calibration_name(name) == ("embedded:literature", 2)
+    assert calibration_name(name, 0) == name
+    assert slug(name) == "embedded-literature-draw2of3"
+    description = calibration_description(name, n_sequences=28, seq_len=512, seed=0)
+    assert "moepaper embedded corpus" in description and calibration_name_from_description(description) == name
+    with pytest.raises(ValueError, match="has no seeds|no seeds"):
+        calibration_name(name, 1)
+    for bad in ("embedded:code@draw3of3", "embedded:code@draw1of0", "embedded:code@drawxof3", "embedded:code@draw01of3"):
+        with pytest.raises(ValueError, match="disjoint draw is named"):
+            parse_draw(bad)
+    with pytest.raises(ValueError, match="already names a draw"):
+        disjoint_draws(name)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        disjoint_draws("embedded:code", 0)
