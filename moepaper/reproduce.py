@@ -65,9 +65,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pipeline.calibration import calibration_name
+from .pipeline.calibration import calibration_name, disjoint_draws, parse_draw
 from .pipeline.paper_models import PAPER_MODELS, REHEARSAL_PREFIX
-from .pipeline.results import TASK_AGNOSTIC, TASK_SPECIFIC, slug
+from .pipeline.results import ALL_DOMAIN, TASK_AGNOSTIC, TASK_SPECIFIC, slug
 from .progress import PROGRESS_ENV
 from .project import DATA, FIGURES, NOTEBOOKS, RUNS, project_root
 
@@ -106,10 +106,17 @@ class ModelRun:
     load: dict = field(default_factory=dict)  # parameters of 01 and 02: dtype, device_map
     seeds: tuple[int, ...] = (0,)  # calibration seeds: one statistics file per (source, seed)
     sweeps: list[Sweep] | None = None  # None: one sweep of `evaluate` over every draw into the configuration's results_dir
+    draw_collect: dict = field(default_factory=dict)  # parameters of 01 for disjoint draws (over `collect`)
 
     def draws(self) -> list[tuple[str, int]]:
-        """Every (calibration source, seed), source by source."""
-        return [(source, seed) for source in self.calibrations for seed in self.seeds]
+        """Every (calibration source, seed), source by source; a disjoint draw
+        (``<source>@draw<k>of<n>``, `calibration.disjoint_draws`) has seed 0 only."""
+        return [(source, seed) for source in self.calibrations
+                for seed in ((0,) if parse_draw(source) is not None else self.seeds)]
+
+    def collect_parameters(self, source: str) -> dict:
+        """Parameters of 01 for `source`: `collect`, with `draw_collect` over it for a disjoint draw."""
+        return {**self.collect, **self.draw_collect} if parse_draw(source) is not None else dict(self.collect)
 
 
 @dataclass
@@ -132,6 +139,12 @@ PAPER_RATIOS = {"olmoe": [0.25], "deepseek_v2_lite": [0.25], "ernie": [0.25, 0.5
 
 # The embedded runs: calibration seeds, and the grid sweep's item limit (the former committed sweep's).
 EMBEDDED_SEEDS = (0, 1, 2)
+# Disjoint calibration draws (`calibration.disjoint_draws`): three per source, 28 windows of 512 tokens
+# each (14,336 tokens), the most that three draws sharing no document hold of the smallest
+# calibration split (math: 30 windows per part). The general-domain (literature) draws are the
+# task-agnostic setting, the paper's C4 analogue: none of its text is from an evaluation domain's split.
+N_DISJOINT_DRAWS = 3
+DISJOINT_COLLECT = dict(n_sequences=28, seq_len=512)
 GRID_LIMIT = {"mc": 80, "ppl": 30}
 # The named sweep evaluates every item of the local suite (1,579 items: 838 multiple-choice, 741
 # held-out documents), with the packed scoring of `moepaper.pipeline.packed` (benchmarks/evaluation.py).
@@ -140,18 +153,25 @@ NAMED_LIMIT = "all"
 DEFAULT_CONFIGS = ("embedded-pooled", "embedded")
 
 
-def _embedded_config(name: str, grid_calibrations: list[str], compare_models: tuple[str, ...] = ()) -> RunConfig:
+def _embedded_config(name: str, grid_calibrations: list[str], compare_models: tuple[str, ...] = (),
+                     general: bool = True) -> RunConfig:
     """Embedded model `name` on CPU: every draw collected, the named criteria on every item of
     every draw on every item (`NAMED_LIMIT`, data/results/named/), the grid at `GRID_LIMIT` items on the seed-0 draws of
-    `grid_calibrations` (data/results/grid/)."""
-    calibrations = {"embedded:mixed": TASK_AGNOSTIC, "embedded:code": TASK_SPECIFIC, "embedded:math": TASK_SPECIFIC}
+    `grid_calibrations` (data/results/grid/).
+
+    Calibrations: the task-agnostic setting's `N_DISJOINT_DRAWS` disjoint general-domain draws
+    (``embedded:literature@draw<k>of3``, when `general`), the all-domain mixed calibration and the
+    task-specific code and math calibrations (seeds `EMBEDDED_SEEDS`)."""
+    calibrations = {draw: TASK_AGNOSTIC for draw in disjoint_draws("embedded:literature", N_DISJOINT_DRAWS)} if general else {}
+    calibrations.update({"embedded:mixed": ALL_DOMAIN, "embedded:code": TASK_SPECIFIC, "embedded:math": TASK_SPECIFIC})
     sweeps = [
         Sweep("named", dict(criteria="named", limit=NAMED_LIMIT)),
         Sweep("grid", dict(criteria="grid", limit=dict(GRID_LIMIT)), results_dir=f"{DATA}/results/grid",
               calibrations=list(grid_calibrations), seeds=(0,)),
     ]
     model = ModelRun(name, name, calibrations, [0.25, 0.5], dict(n_sequences=80, seq_len=512),
-                     dict(suite="local", batch_size=32), dict(threads=1), seeds=EMBEDDED_SEEDS, sweeps=sweeps)
+                     dict(suite="local", batch_size=32), dict(threads=1), seeds=EMBEDDED_SEEDS, sweeps=sweeps,
+                     draw_collect=dict(DISJOINT_COLLECT))
     return RunConfig(
         name=name,
         models=[model],
@@ -172,7 +192,9 @@ def _configs() -> dict[str, RunConfig]:
     gpu = dict(dtype="bfloat16", device_map="auto")
     return {
         "embedded": _embedded_config("embedded", ["embedded:mixed"], compare_models=("embedded", "embedded-pooled")),
-        "embedded-pooled": _embedded_config("embedded-pooled", ["embedded:mixed", "embedded:code", "embedded:math"]),
+        # the 16-expert ablation has no general-domain draws yet (the same-shape ablation replaces it)
+        "embedded-pooled": _embedded_config("embedded-pooled", ["embedded:mixed", "embedded:code", "embedded:math"],
+                                            general=False),
         "paper": RunConfig(
             name="paper",
             models=[
@@ -448,12 +470,12 @@ def plan(config: RunConfig, root: Path, *, allow_code_execution: bool = False) -
             setting = m.calibrations[source]
             name = calibration_name(source, seed)
             stats_path = statistics_path(config, m, source, seed)
-            if seed == 0:
+            if seed == 0 and (parse_draw(source) is None or parse_draw(source)[1] == 0):  # each calibration's first draw
                 statistics_by_model.setdefault(m.name, {})[source] = stats_path
             tag = f"{slug(m.name)}__{slug(name)}"
             steps.append(("01_collect_statistics.ipynb", out / f"01__{tag}.ipynb",
-                          dict(model=m.model, model_name=m.name, calibration=source, output=stats_path, **m.load, **m.collect,
-                               seed=seed)))
+                          dict(model=m.model, model_name=m.name, calibration=source, output=stats_path, **m.load,
+                               **m.collect_parameters(source), seed=seed)))
             for s in sweeps(m):
                 if (s.calibrations is not None and source not in s.calibrations) or (s.seeds is not None and seed not in s.seeds):
                     continue

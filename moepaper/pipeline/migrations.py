@@ -12,6 +12,14 @@ are left where they are; the next sweep recomputes ``mone`` there (with novices:
 without ``replacement`` is never taken for a novice result).
 
     python -m moepaper.pipeline.migrations data/results/embedded data/statistics/embedded [--apply]
+
+`relabel_setting(results_dir, source, setting)`: the records of every draw of calibration
+`source` (``<source>``, ``<source>@seed<k>``, ``<source>@draw<k>of<n>``) get ``setting``. The
+embedded mixed calibration was first called task-agnostic; it covers every evaluation domain,
+which the paper's task-agnostic calibration (C4) does not, so it is now its own setting,
+"all-domain", and the general-domain draws are the task-agnostic ones:
+
+    python -m moepaper.pipeline.migrations --relabel embedded:mixed all-domain data/results/named [--apply]
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from ..criteria import MONE_RANKING, expert_scores
 from ..pruning import select_experts
 from ..statistics import ExpertStatistics
 from .keys import slug
-from .results import read_result, write_json_atomic
+from .calibration import parse_calibration_name
+from .results import SETTINGS, read_result, results_lock, write_json_atomic
 
 OLD, NEW = "mone", MONE_RANKING.name
 
@@ -70,12 +79,45 @@ def rename_mone_ranking(results_dir: str | Path, statistics_dir: str | Path, *, 
     return report
 
 
+def relabel_setting(results_dir: str | Path, source: str, setting: str, *, apply: bool = False) -> dict[str, list[str]]:
+    """Give every result record under `results_dir` whose calibration is a draw of `source` the
+    setting `setting` (one of `results.SETTINGS`). Each model folder is written under its results
+    lock (a running sweep there makes this fail, naming it). Returns {"relabelled": [...],
+    "unchanged": [...]} (files); changes nothing unless `apply`."""
+    if setting not in SETTINGS:
+        raise ValueError(f"setting={setting!r}: one of {SETTINGS}")
+    results_dir = Path(results_dir)
+    report: dict[str, list[str]] = {"relabelled": [], "unchanged": []}
+    for model_dir in sorted(p for p in results_dir.iterdir() if p.is_dir()):
+        changes = []
+        for path in sorted(model_dir.rglob("*.json")):
+            record = read_result(path)
+            if record is None or "calibration" not in record or parse_calibration_name(str(record["calibration"]))[0] != source:
+                continue
+            (changes if record.get("setting") != setting else report["unchanged"]).append((path, record))
+        report["relabelled"] += [str(p) for p, _ in changes]
+        if apply and changes:
+            with results_lock(model_dir):
+                for path, record in changes:
+                    write_json_atomic(path, {**record, "setting": setting})
+    report["unchanged"] = [str(p) for p, _ in report["unchanged"]]
+    return report
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results_dir")
-    parser.add_argument("statistics_dir")
+    parser.add_argument("statistics_dir", nargs="?")
+    parser.add_argument("--relabel", nargs=2, metavar=("SOURCE", "SETTING"),
+                        help="give every record of calibration SOURCE's draws the setting SETTING (relabel_setting)")
     parser.add_argument("--apply", action="store_true", help="move the folders (default: only report)")
     args = parser.parse_args(argv)
+    if args.relabel:
+        report = relabel_setting(args.results_dir, *args.relabel, apply=args.apply)
+        print(f"relabelled: {len(report['relabelled'])} records, unchanged: {len(report['unchanged'])}")
+        return
+    if args.statistics_dir is None:
+        parser.error("statistics_dir is needed (or --relabel SOURCE SETTING)")
     for what, folders in rename_mone_ranking(args.results_dir, args.statistics_dir, apply=args.apply).items():
         print(f"{what}: {len(folders)}")
         for folder in folders:

@@ -53,9 +53,15 @@ from ..statistics import ExpertStatistics
 import moepaper.pipeline.evaluation as evaluation  # the module (tests replace its evaluate), not the package
 from .keys import NO_CALIBRATION, UNPRUNED, criterion_key, entry_folder, removed_tag, slug  # noqa: F401 (also imported from here)
 
+# The paper's two settings, and a third one of the embedded testbed:
+# task-agnostic: a general-domain calibration (the paper's C4; the embedded corpus's literature), every benchmark;
+# task-specific: a calibration of one benchmark domain (code, math), ranked on that domain's benchmarks;
+# all-domain: a calibration covering every evaluation domain in equal shares (embedded:mixed), every
+#     benchmark -- not one of the paper's settings: it shows what calibration coverage does to a criterion.
 TASK_AGNOSTIC = "task-agnostic"
 TASK_SPECIFIC = "task-specific"
-SETTINGS = (TASK_AGNOSTIC, TASK_SPECIFIC)
+ALL_DOMAIN = "all-domain"
+SETTINGS = (TASK_AGNOSTIC, TASK_SPECIFIC, ALL_DOMAIN)
 SETTINGS_FILE = "evaluation_settings.json"  # per model folder: the evaluation settings of its results
 LOCK_FILE = ".sweep.lock"
 
@@ -276,7 +282,7 @@ def sweep(
         with reuse_identical the sweeps of the other calibrations copy its results.
     ratios: fractions of experts removed in every MoE layer (`select_experts`, scope "layer").
     suite: evaluation suite (`moepaper.pipeline.evaluation.get_suite`).
-    setting: ``"task-agnostic"`` or ``"task-specific"``, stored with every result.
+    setting: ``"task-agnostic"``, ``"task-specific"`` or ``"all-domain"`` (`SETTINGS`), stored with every result.
     model_name: name of the model in paths and tables (default: `config._name_or_path`'s last part).
     model_id: what identifies the weights, stored with every result (default:
         `weights_fingerprint(model)`); results of another model_id are recomputed, never reused.

@@ -11,6 +11,9 @@ from moepaper.pipeline.results import result_path
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ["embedded:mixed", "embedded:code", "embedded:math"]
+GENERAL = ["embedded:literature@draw0of3", "embedded:literature@draw1of3", "embedded:literature@draw2of3"]
+SETTING = {"embedded:literature": "task-agnostic", "embedded:mixed": "all-domain", "embedded:code": "task-specific",
+           "embedded:math": "task-specific"}
 
 
 def steps_of(config_name, notebook):
@@ -20,10 +23,13 @@ def steps_of(config_name, notebook):
 @pytest.mark.parametrize("name", ["embedded", "embedded-pooled"])
 def test_embedded_plan_collects_every_draw_and_sweeps_named_on_all_and_grid_apart(name):
     collect = steps_of(name, "01")
-    assert [(p["calibration"], p["seed"]) for _, p in collect] == [(s, k) for s in SOURCES for k in (0, 1, 2)]
+    general = GENERAL if name == "embedded" else []  # the 16-expert ablation has no general-domain draws
+    assert [(p["calibration"], p["seed"]) for _, p in collect] == [(d, 0) for d in general] + [(s, k) for s in SOURCES for k in (0, 1, 2)]
     assert all(p["model"] == name == p["model_name"] for _, p in collect)
+    # disjoint draws: 28 windows of 512 tokens; seeded draws keep their 80
+    assert [p["n_sequences"] for _, p in collect] == [28] * len(general) + [80] * 9
     paths = [p["output"] for _, p in collect]
-    assert len(set(paths)) == 9
+    assert len(set(paths)) == 9 + len(general)
     assert f"data/statistics/{name}/embedded-mixed.safetensors" in paths  # seed 0 keeps the committed name
     assert f"data/statistics/{name}/embedded-mixed-seed1.safetensors" in paths
     assert f"data/statistics/{name}/embedded-math-seed2.safetensors" in paths
@@ -35,7 +41,7 @@ def test_embedded_plan_collects_every_draw_and_sweeps_named_on_all_and_grid_apar
     # the named sweep: every draw, every item, one results root
     assert sorted(p["calibration"] for p in named) == sorted(
         ["embedded:mixed", "embedded:mixed@seed1", "embedded:mixed@seed2", "embedded:code", "embedded:code@seed1",
-         "embedded:code@seed2", "embedded:math", "embedded:math@seed1", "embedded:math@seed2"])
+         "embedded:code@seed2", "embedded:math", "embedded:math@seed1", "embedded:math@seed2"] + general)
     assert all(p["limit"] == reproduce.NAMED_LIMIT and p["results_dir"] == "data/results/named" for p in named)
     # the grid sweep: seed 0 only, the suite's former 80 / 30 items, another root
     assert all(p["limit"] == {"mc": 80, "ppl": 30} and p["results_dir"] == "data/results/grid" for p in grid)
@@ -43,8 +49,11 @@ def test_embedded_plan_collects_every_draw_and_sweeps_named_on_all_and_grid_apar
     assert [p["calibration"] for p in grid] == expected_grid
     for p in named + grid:
         source, seed = parse_calibration_name(p["calibration"])  # the name matches the statistics it sweeps
-        assert p["statistics"] == next(c["output"] for _, c in collect if (c["calibration"], c["seed"]) == (source, seed))
-        assert p["setting"] == ("task-agnostic" if source == "embedded:mixed" else "task-specific")
+        assert p["statistics"] == next(c["output"] for _, c in collect
+                                       if parse_calibration_name(c["calibration"])[0] == source
+                                       and (c["seed"] if "@draw" not in c["calibration"] else parse_calibration_name(c["calibration"])[1]) == seed
+                                       and ("@draw" in c["calibration"]) == ("@draw" in p["calibration"]))
+        assert p["setting"] == SETTING[source]
         assert p["ratios"] == [0.25, 0.5] and p["suite"] == "local" and p["threads"] == 1
     # each draw is collected before it is swept
     steps = reproduce.plan(reproduce.CONFIGS[name], REPO)
@@ -56,7 +65,8 @@ def test_embedded_plan_collects_every_draw_and_sweeps_named_on_all_and_grid_apar
 
     (_, tables), = steps_of(name, "04")
     assert tables["results_dir"] == "data/results/named" and tables["grid_results_dir"] == "data/results/grid"
-    assert tables["statistics"] == {s: f"data/statistics/{name}/{s.replace(':', '-')}.safetensors" for s in SOURCES}
+    assert tables["statistics"] == {s: f"data/statistics/{name}/{s.replace(':', '-').replace('@', '-')}.safetensors"
+                                    for s in general[:1] + SOURCES}
     science = [p for nb, _, p in reproduce.plan(reproduce.CONFIGS[name], REPO) if nb.startswith(("00", "03"))]
     assert len(science) == 3 and all(p["model"] == name for p in science)  # 00, its solutions, 03
     # the default model's tables compare both models' rankings; the ablation's do not
