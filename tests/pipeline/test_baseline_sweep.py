@@ -129,3 +129,33 @@ def test_migration_renames_only_folders_whose_kept_experts_mone_ranking_selects(
     assert moved["criterion"] == "mone-ranking" and moved["replacement"] == "reroute" and moved["kept"] == kept
     assert not (tmp_path / "results" / "tiny" / "cal-a" / "mone__removed4").exists()
     assert (tmp_path / "results" / "tiny" / "cal-a" / "mone__removed2").exists()
+
+
+def test_relabel_setting_rewrites_only_the_draws_of_one_source(tmp_path):
+    """The mixed calibration's records (every draw) become "all-domain"; other calibrations and
+    non-result files are untouched; a dry run changes nothing; an unknown setting is refused."""
+    import json
+
+    from moepaper.pipeline.migrations import relabel_setting
+    from moepaper.pipeline.results import results_lock, write_json_atomic, ResultsLockedError
+
+    files = {}
+    for calibration in ("embedded:mixed", "embedded:mixed@seed1", "embedded:mixed@draw0of3", "embedded:code", "embedded:mixedup"):
+        path = tmp_path / "m" / calibration.replace(":", "-").replace("@", "-") / "x" / "code_mc.json"
+        write_json_atomic(path, {"calibration": calibration, "setting": "task-agnostic", "benchmark": "code_mc", "criterion": "man"})
+        files[calibration] = path
+    write_json_atomic(tmp_path / "m" / "evaluation_settings.json", {"suite": "local"})
+    report = relabel_setting(tmp_path, "embedded:mixed", "all-domain")
+    assert len(report["relabelled"]) == 3
+    assert all(json.loads(p.read_text())["setting"] == "task-agnostic" for p in files.values())  # dry run
+    relabel_setting(tmp_path, "embedded:mixed", "all-domain", apply=True)
+    settings = {c: json.loads(p.read_text())["setting"] for c, p in files.items()}
+    assert settings == {"embedded:mixed": "all-domain", "embedded:mixed@seed1": "all-domain",
+                        "embedded:mixed@draw0of3": "all-domain", "embedded:code": "task-agnostic",
+                        "embedded:mixedup": "task-agnostic"}
+    assert relabel_setting(tmp_path, "embedded:mixed", "all-domain")["relabelled"] == []
+    with pytest.raises(ValueError, match="setting="):
+        relabel_setting(tmp_path, "embedded:mixed", "general")
+    with results_lock(tmp_path / "m"):  # a sweep writing there: refused, naming the lock
+        with pytest.raises(ResultsLockedError):
+            relabel_setting(tmp_path, "embedded:code", "task-specific", apply=True)
