@@ -318,6 +318,10 @@ MONE = StatisticCriterion("mone", mone_scores, replacement=NOVICE)
 MONE_RANKING = StatisticCriterion("mone-ranking", mone_scores)
 AIMER = WeightCriterion("aimer", aimer_scores)
 
+# Criteria that read no calibration data (weights only): the same kept experts for every
+# calibration draw at a ratio. Declared here, never inferred from which results exist.
+CALIBRATION_FREE = frozenset({AIMER.name})
+
 # Baselines outside the family: MoNE as published, its ranking with re-routing, AIMER.
 BASELINE_CRITERIA: dict[str, StatisticCriterion | WeightCriterion] = {c.name: c for c in (MONE, MONE_RANKING, AIMER)}
 

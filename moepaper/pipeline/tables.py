@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
@@ -52,8 +53,8 @@ DISPLAY_NAMES = {
     "msan": "MSAN",
     "gated_ean": "Gated EAN",
     "gated_squared": "Gated squared",
-    MONE.name: "MoNE",
-    MONE_RANKING.name: "MoNE ranking (re-routed)",
+    MONE.name: "MoNE (novice replacement)",
+    MONE_RANKING.name: "MoNE ranking (removal)",
     AIMER.name: "AIMER",
 }
 
@@ -66,7 +67,7 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
 
     Columns: model, calibration, setting, criterion, b, alpha, beta, ratio, benchmark, label,
     task, metric, value, score (value x 100 for proportion metrics), stderr,
-    higher_is_better, n, status, note, suite, domain, limit, date, path.
+    higher_is_better, n, status, note, suite, domain, limit, date, pruned (`pruned_model_key`), path.
 
     A file under `out_dir` that is not a result record (unreadable, not JSON, or JSON without
     ``benchmark`` and ``criterion``) is skipped with a warning naming it; the folders'
@@ -94,12 +95,13 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
                 )},
                 "limit": evaluation.get("limit"),
                 "date": (record.get("provenance") or {}).get("date"),
+                "pruned": pruned_model_key(record),
                 "path": str(path),
             }
         )
     columns = ["model", "calibration", "setting", "criterion", "b", "alpha", "beta", "ratio", "benchmark", "label",
                "task", "metric", "value", "score", "stderr", "higher_is_better", "n", "status", "note", "suite",
-               "domain", "limit", "date", "path"]
+               "domain", "limit", "date", "pruned", "path"]
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=columns)
@@ -107,6 +109,17 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
     frame["ratio"] = frame["ratio"].astype(float)
     frame["score"] = [score_units(v, m) for v, m in zip(frame["value"], frame["metric"])]
     return frame[columns]
+
+
+def pruned_model_key(record: dict) -> str | None:
+    """What identifies a record's pruned model: its kept experts and how pruned experts are treated
+    (re-routed or replaced by novices), as a short hash; None when the record has no kept experts
+    (the unpruned model). Two criteria with the same key evaluated the same model."""
+    kept = record.get("kept")
+    if kept is None:
+        return None
+    blob = json.dumps([record.get("replacement") or "reroute", kept], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def score_units(value: float, metric: str | None) -> float:
@@ -324,7 +337,7 @@ def average_rank_summary(df: pd.DataFrame, *, model: str | None = None, benchmar
             columns[(setting, calibration, "matched", f"{ratio:.0%}")] = rank_table(table)[AVERAGE_RANK]
     summary = pd.DataFrame(columns)
     summary = summary.reindex(criterion_order(summary.index))
-    setting_rank = {"task-agnostic": 0, "task-specific": 1}
+    setting_rank = {s: i for i, s in enumerate(SETTING_ORDER)}
     summary = summary[sorted(summary.columns, key=lambda c: (setting_rank.get(c[0], 2), c[1], float(c[3].rstrip("%")), c[2]))]
     summary.columns = pd.MultiIndex.from_tuples(summary.columns, names=["setting", "calibration", "benchmarks", "pruned"])
     summary.attrs["lower_is_better"] = list(summary.columns)
@@ -334,15 +347,25 @@ def average_rank_summary(df: pd.DataFrame, *, model: str | None = None, benchmar
 # ---------------------------------------------------------------- bootstrap intervals on average ranks
 
 
-SETTING_ORDER = ("task-agnostic", "task-specific")
+SETTING_ORDER = ("task-agnostic", "task-specific", "all-domain")
+# Metric families (`metric_family`): task scores (accuracy, exact match, pass@1, ...: the paper's kind of
+# number) and held-out perplexities (bits per byte and the other perplexities: lower is better).
+ACCURACY, BITS_PER_BYTE, ALL_METRICS = "accuracy", "bits_per_byte", "all"
+METRIC_FAMILIES = (ACCURACY, BITS_PER_BYTE, ALL_METRICS)
+PERPLEXITY_METRICS = ("bits_per_byte", "byte_perplexity", "word_perplexity")
 # An item list must give back its record's value within these (value recomputed from the items).
 ITEMS_RTOL, ITEMS_ATOL = 1e-6, 1e-9
-BOOTSTRAP_COLUMNS = ["model", "setting", "criterion", "mean_rank", "low", "high", "boot_mean", "n_criteria", "n_benchmarks", "n_items",
-                     "n_ratios", "n_draws", "n_seeds", "n_boot"]
+BOOTSTRAP_COLUMNS = ["model", "setting", "metric", "ratio", "criterion", "mean_rank", "low", "high", "boot_mean", "n_criteria",
+                     "n_benchmarks", "n_items", "n_ratios", "n_draws", "n_seeds", "n_boot"]
 
 
 class ItemsError(ValueError):
     """Per-item outcomes missing, not reproducing a record's value, or not aligned between entries."""
+
+
+def metric_family(metric: str | None) -> str:
+    """``"bits_per_byte"`` for a perplexity metric (``"bits_per_byte,none"``, word / byte perplexity), else ``"accuracy"``."""
+    return BITS_PER_BYTE if str(metric).split(",")[0] in PERPLEXITY_METRICS else ACCURACY
 
 
 def _entry(row) -> str:
@@ -364,31 +387,46 @@ def _record_items(row) -> dict | None:
     return None
 
 
-def _item_arrays(row, items: dict) -> tuple[list, str, np.ndarray, np.ndarray]:
+def _item_arrays(row, items: dict) -> tuple[list, tuple, np.ndarray, np.ndarray]:
     """(doc_ids, kind, numerator [I], denominator [I]) of one record's items, checked against its value.
 
-    kind "acc": value = sum(acc) / I (higher is better); kind "ppl": bits per byte =
-    -sum(loglikelihood) / ln 2 / sum(bytes) (lower is better). Value = scale * sum(num) / sum(den).
+    Every per-item outcome `evaluation.item_outcomes` writes: a mean metric stored under its own
+    name (``acc``, ``acc_norm``, ``exact_match``, ``pass@1``, ``math_verify``, ...: value = mean),
+    or a perplexity (``loglikelihood`` with ``bytes`` or ``words``: value = f(sum(ll) / sum(count)),
+    f = -x / ln 2 for bits per byte, exp(-x) for byte and word perplexity). The record's
+    ``metric`` names which; kind = (``"mean"``, name) or (``"ppl"``, name). Value = f(sum(num) / sum(den)).
     """
     doc_ids = list(items.get("doc_id") or [])
-    if "acc" in items:
-        kind, num = "acc", np.asarray(items["acc"], dtype=float)
-        den = np.ones_like(num)
-    elif "loglikelihood" in items and "bytes" in items:
-        kind, num, den = "ppl", np.asarray(items["loglikelihood"], dtype=float), np.asarray(items["bytes"], dtype=float)
+    name = str(row.get("metric") or "").split(",")[0]
+    if "loglikelihood" in items and ("bytes" in items or "words" in items):
+        if name not in PERPLEXITY_METRICS:
+            name = "bits_per_byte" if "bytes" in items else "word_perplexity"
+        count = items["bytes"] if "bytes" in items else items["words"]
+        kind, num, den = ("ppl", name), np.asarray(items["loglikelihood"], dtype=float), np.asarray(count, dtype=float)
     else:
-        raise ItemsError(f"items of {_entry(row)} hold {sorted(items)}: expected doc_id with acc, or doc_id with loglikelihood and bytes")
+        names = [k for k in items if k != "doc_id"]
+        if name not in items:
+            name = names[0] if len(names) == 1 else None
+        if name is None:
+            raise ItemsError(f"items of {_entry(row)} hold {sorted(items)}: expected doc_id with the metric's own "
+                             f"outcomes ({row.get('metric')!r}), or doc_id with loglikelihood and bytes / words")
+        kind, num = ("mean", name), np.asarray(items[name], dtype=float)
+        den = np.ones_like(num)
     if not (len(doc_ids) == len(num) == len(den)) or not doc_ids:
         raise ItemsError(f"items of {_entry(row)}: {len(doc_ids)} doc_id, {len(num)} outcomes, {len(den)} denominators (need equal, > 0)")
     if len(set(map(str, doc_ids))) != len(doc_ids):
         raise ItemsError(f"items of {_entry(row)}: repeated doc_id")
-    value = float(_SCALE[kind] * num.sum() / den.sum())
+    value = float(_transform(kind, num.sum() / den.sum()))
     if not abs(value - float(row["value"])) <= ITEMS_ATOL + ITEMS_RTOL * abs(float(row["value"])):
         raise ItemsError(f"items of {_entry(row)} give {value!r}, the record's value is {row['value']!r}")
     return [str(d) for d in doc_ids], kind, num, den
 
 
-_SCALE = {"acc": 1.0, "ppl": -1.0 / math.log(2)}
+def _transform(kind: tuple, ratio):
+    """A record's value from sum(num) / sum(den) (`_item_arrays`)."""
+    if kind[0] == "mean":
+        return ratio
+    return -ratio / math.log(2) if kind[1] == "bits_per_byte" else np.exp(-ratio)
 
 
 def _average_ranks(badness: np.ndarray) -> np.ndarray:
@@ -409,54 +447,35 @@ def _average_ranks(badness: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def bootstrap_average_ranks(results: pd.DataFrame, n: int = 1000, *, level: float = 0.9, seed: int = 0,
-                            model: str | None = None, exclude: Sequence[str] = (UNPRUNED,),
-                            criteria: Sequence[str] | None = None) -> pd.DataFrame:
-    """Average rank of every criterion per (model, setting) with a percentile bootstrap interval.
+def _distinct_ranks(badness: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """`_average_ranks` with each group of identical pruned models ranked once: the criteria of a group
+    (same ``groups`` id) take the rank of their group's first member among the groups' representatives."""
+    if groups is None:
+        return _average_ranks(badness)
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    return _average_ranks(badness[..., first])[..., inverse]
 
-    results: `load_results` output whose records carry per-item outcomes, ``record["items"]``
-    (an ``items`` column of dicts, else read from each row's ``path``): ``{"doc_id", "acc"}``
-    (value = mean acc, higher is better) or ``{"doc_id", "loglikelihood", "bytes"}`` (value =
-    bits per byte = -sum(ll) / ln 2 / sum(bytes), lower is better). Only "ok" records count.
 
-    Settings, as in `average_rank_summary`: "task-agnostic" records (mixed calibration) are
-    ranked on every benchmark; "task-specific" records on the benchmarks of their calibration's
-    domain (`matched_benchmarks`; all benchmarks for a calibration targeting no domain).
-    A calibration draw is a calibration name with an optional ``@seed<k>`` suffix
-    (`calibration_seed`); draws of one base name (``embedded:code``, ``embedded:code@seed1``)
-    form one calibration domain.
+def identical_pruned_models(results: pd.DataFrame) -> pd.DataFrame:
+    """Criteria whose pruned models are identical (same kept experts, same replacement) in a
+    (model, calibration, ratio): one row per group of two or more, with columns model,
+    calibration, ratio, criteria (tuple, in `criterion_order`). Needs `load_results`' ``pruned``
+    column; an empty frame when it is absent."""
+    columns = ["model", "calibration", "ratio", "criteria"]
+    if "pruned" not in results or results.empty:
+        return pd.DataFrame(columns=columns)
+    frame = results.dropna(subset=["pruned"])
+    frame = frame[(frame["status"] == "ok") & (frame["criterion"] != UNPRUNED)] if "status" in frame else frame
+    rows = []
+    for (model, calibration, ratio), group in frame.groupby(["model", "calibration", "ratio"], sort=True):
+        for _, same in group.groupby("pruned", sort=False):
+            names = criterion_order(list(same["criterion"].unique()))
+            if len(names) > 1:
+                rows.append({"model": model, "calibration": calibration, "ratio": float(ratio), "criteria": tuple(names)})
+    return pd.DataFrame(rows, columns=columns)
 
-    Point estimate: for every (ratio, calibration draw), rank the criteria on each benchmark
-    (1 = best, ties averaged, direction from ``higher_is_better``) using the records' values,
-    average over the benchmarks, then over the draw's ratios, the draws of each calibration,
-    and the calibrations of the setting (task-specific: code and math with equal weight).
-    Replicate: resample each benchmark's items with replacement -- the same items for every
-    entry of the model (paired, aligned by doc_id) -- recompute every value from its items;
-    resample the seeds of each calibration with replacement; recompute the average ranks.
-    low, high: the (1 - level)/2 and (1 + level)/2 quantiles of the `n` replicates; boot_mean:
-    their mean. Resampling adds noise to every value, which pulls a rank near 1 or near the
-    last rank toward the middle: for a criterion that is clearly first or last, mean_rank can
-    lie just outside [low, high] (boot_mean - mean_rank shows that bias); the interval is
-    reported as computed, not widened.
 
-    Calibration-free criteria: a criterion whose records hold a single calibration while the
-    model's other criteria have several (AIMER, stored once, e.g. under ``none``) is taken to
-    apply to every calibration draw of the model at the same ratio (at every ratio when it has
-    one ratio only); such criteria are listed in ``attrs["calibration_free"]`` per model.
-    Every criterion must have a record for every (draw, ratio, benchmark) of a setting.
-
-    exclude: criteria left out (default the unpruned model); criteria: keep only these (None: all).
-    Returns one row per (model, setting, criterion) with `BOOTSTRAP_COLUMNS`: mean_rank, low,
-    high, n_criteria (ranked together), n_benchmarks, n_items (over those benchmarks), n_ratios,
-    n_draws (calibration draws), n_seeds (fewest seeds of a calibration), n_boot (= n);
-    ``attrs``: n, level, seed, calibration_free. Raises ItemsError for records without items
-    (naming them), items that do not give back the record's value, and doc_ids that differ
-    between entries of one benchmark; ValueError for missing records.
-    """
-    if not 0 < level < 1:
-        raise ValueError(f"level={level}: a coverage in (0, 1)")
-    if n < 1:
-        raise ValueError(f"n={n}: at least one bootstrap replicate")
+def _select_frame(results: pd.DataFrame, model, exclude, criteria) -> tuple[pd.DataFrame, list[str]]:
     frame = results[results["status"] == "ok"] if "status" in results else results
     frame = frame[~frame["criterion"].isin(list(exclude))]
     if criteria is not None:
@@ -464,28 +483,179 @@ def bootstrap_average_ranks(results: pd.DataFrame, n: int = 1000, *, level: floa
     if model is not None:
         if model not in set(frame["model"]):
             raise ValueError(f"no results of model {model!r} (models: {sorted(set(results['model']))})")
-        models = [model]
-    else:
-        models = sorted(frame["model"].dropna().unique())
-    rows, free = [], {}
+        return frame, [model]
+    return frame, sorted(frame["model"].dropna().unique())
+
+
+def _check_filters(level: float, n: int, metric: str, ratio) -> None:
+    if not 0 < level < 1:
+        raise ValueError(f"level={level}: a coverage in (0, 1)")
+    if n < 1:
+        raise ValueError(f"n={n}: at least one bootstrap replicate")
+    if metric not in METRIC_FAMILIES:
+        raise ValueError(f"metric={metric!r}: one of {METRIC_FAMILIES}")
+    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < float(ratio) < 1):
+        raise ValueError(f"ratio={ratio!r}: a fraction of experts removed in (0, 1), or None for the average over ratios")
+
+
+def _replicates(results: pd.DataFrame, n: int, seed: int, model, exclude, criteria, metric: str, ratio,
+                distinct: bool) -> tuple[list[dict], dict]:
+    """Per (model, setting): the criteria, the point average ranks [C] and the bootstrap replicates [n, C]."""
+    frame, models = _select_frame(results, model, exclude, criteria)
+    if metric != ALL_METRICS:
+        frame = frame[[metric_family(m) == metric for m in frame["metric"]]]
+    if ratio is not None:
+        frame = frame[np.isclose(frame["ratio"].astype(float), float(ratio))]
+    out, free = [], {}
     for name in models:
-        model_rows, free[name] = _bootstrap_model(frame[frame["model"] == name], name, n, level, seed)
-        rows += model_rows
+        part = frame[frame["model"] == name]
+        if part.empty:
+            raise ValueError(f"model {name!r}: no 'ok' records with metric={metric!r}, ratio={ratio!r}")
+        cells, free[name] = _bootstrap_model(part, name, n, seed, distinct)
+        out += [{**cell, "metric": metric, "ratio": float(ratio) if ratio is not None else float("nan")} for cell in cells]
+    return out, free
+
+
+def bootstrap_average_ranks(results: pd.DataFrame, n: int = 1000, *, level: float = 0.9, seed: int = 0,
+                            model: str | None = None, exclude: Sequence[str] = (UNPRUNED,),
+                            criteria: Sequence[str] | None = None, metric: str = ALL_METRICS, ratio: float | None = None,
+                            distinct: bool = True) -> pd.DataFrame:
+    """Average rank of every criterion per (model, setting) with a percentile bootstrap interval.
+
+    results: `load_results` output whose records carry per-item outcomes, ``record["items"]``
+    (an ``items`` column of dicts, else read from each row's ``path``): the metric's own per-item
+    outcomes (``acc``, ``acc_norm``, ``exact_match``, ``pass@1``, ...: value = their mean, direction
+    from ``higher_is_better``) or ``{"doc_id", "loglikelihood", "bytes"}`` (value = bits per byte
+    = -sum(ll) / ln 2 / sum(bytes), lower is better). Only "ok" records count.
+
+    Settings: "task-agnostic" (general-domain calibration) and "all-domain" (a calibration covering
+    every evaluation domain) records are ranked on every benchmark; "task-specific" records on
+    the benchmarks of their calibration's domain (`matched_benchmarks`; all benchmarks for a
+    calibration targeting no domain). A calibration draw is a calibration name with an optional
+    ``@seed<k>`` or ``@draw<k>of<n>`` suffix (`calibration_seed`); the draws of one source
+    (``embedded:code``, ``embedded:code@seed1``) form one calibration. A source with draws of both
+    kinds (overlapping seeds and disjoint draws) is refused: they are not exchangeable.
+
+    metric: ``"accuracy"`` (task scores only: the paper's kind of number), ``"bits_per_byte"``
+    (held-out perplexities only) or ``"all"`` (both, each benchmark one vote).
+    ratio: rank at this fraction removed only; None averages the ranks over the ratios present
+    (a labelled average: the ``ratio`` column is NaN).
+    distinct: criteria whose pruned models are identical in a (draw, ratio) (same kept experts and
+    replacement, `load_results`' ``pruned`` column) are ranked once: each takes the rank of its
+    pruned model among the cell's distinct pruned models, so k copies of one model neither split
+    a rank between them nor push the other criteria down (`identical_pruned_models` lists them).
+
+    Point estimate: for every (ratio, calibration draw), rank the criteria on each benchmark
+    (1 = best, ties averaged) using the records' values, average over the benchmarks, then over
+    the ratios, the draws of each calibration, and the calibrations of the setting
+    (task-specific: code and math with equal weight). Replicate: resample each benchmark's items
+    with replacement -- the same items for every entry of the model (paired, aligned by doc_id)
+    -- recompute every value from its items; resample the draws of each calibration with
+    replacement; recompute the average ranks. low, high: the (1 - level)/2 and (1 + level)/2
+    quantiles of the `n` replicates; boot_mean: their mean. Resampling adds noise to every value,
+    which pulls a rank near 1 or near the last rank toward the middle: for a criterion that is
+    clearly first or last, mean_rank can lie just outside [low, high] (boot_mean - mean_rank
+    shows that bias); the interval is reported as computed, not widened.
+
+    Calibration-free criteria are declared (`criteria.CALIBRATION_FREE`: AIMER), never inferred:
+    such a criterion stored under a single calibration (e.g. ``none``) answers every draw of the
+    model at the same ratio (at every ratio when it has one ratio only); listed in
+    ``attrs["calibration_free"]`` per model. Every other criterion must have a record for every
+    (draw, ratio, benchmark) of a setting: a missing one is an error naming it.
+
+    exclude: criteria left out (default the unpruned model); criteria: keep only these (None: all).
+    Returns one row per (model, setting, criterion) with `BOOTSTRAP_COLUMNS`: metric, ratio (NaN:
+    averaged), mean_rank, low, high, n_criteria (ranked together), n_benchmarks, n_items (over
+    those benchmarks), n_ratios, n_draws (calibration draws), n_seeds (fewest draws of a
+    calibration), n_boot (= n); ``attrs``: n, level, seed, metric, ratio, calibration_free.
+    Raises ItemsError for records without items (naming them), items that do not give back the
+    record's value, and doc_ids that differ between entries of one benchmark; ValueError for
+    missing records.
+    """
+    _check_filters(level, n, metric, ratio)
+    cells, free = _replicates(results, n, seed, model, exclude, criteria, metric, ratio, distinct)
+    rows = []
+    for cell in cells:
+        low, high = np.quantile(cell["boot"], [(1 - level) / 2, (1 + level) / 2], axis=0)
+        for k, criterion in enumerate(cell["criteria"]):
+            rows.append({**{c: cell[c] for c in ("model", "setting", "metric", "ratio")}, "criterion": criterion,
+                         "mean_rank": cell["point"][k], "low": low[k], "high": high[k], "boot_mean": cell["boot"][:, k].mean(),
+                         **{c: cell[c] for c in BOOTSTRAP_COLUMNS[9:-1]}, "n_boot": n})
     out = pd.DataFrame(rows, columns=BOOTSTRAP_COLUMNS)
-    out.attrs.update(n=n, level=level, seed=seed, calibration_free=free)
+    out.attrs.update(n=n, level=level, seed=seed, metric=metric, ratio=ratio, calibration_free=free)
     return out
 
 
-def _bootstrap_model(frame: pd.DataFrame, model: str, n: int, level: float, seed: int) -> tuple[list[dict], list[str]]:
+def paired_rank_differences(results: pd.DataFrame, a: str, b: str, n: int = 1000, *, level: float = 0.9, seed: int = 0,
+                            model: str | None = None, exclude: Sequence[str] = (UNPRUNED,),
+                            criteria: Sequence[str] | None = None, metric: str = ALL_METRICS, ratio: float | None = None,
+                            distinct: bool = True) -> pd.DataFrame:
+    """Average rank of criterion `a` minus that of `b` per (model, setting), with a paired bootstrap interval.
+
+    The replicates are `bootstrap_average_ranks`' (same arguments, same seed: the same resampled
+    items and draws for both criteria), so the interval is that of the difference itself, not
+    two marginal intervals compared. Negative = `a` ranks better. Columns: model, setting,
+    metric, ratio, a, b, mean (point difference), low, high, p_better (the fraction of replicates
+    in which `a`'s average rank is lower than `b`'s, ties counting one half), n_boot.
+    """
+    _check_filters(level, n, metric, ratio)
+    cells, _ = _replicates(results, n, seed, model, exclude, criteria, metric, ratio, distinct)
+    rows = []
+    for cell in cells:
+        missing = [c for c in (a, b) if c not in cell["criteria"]]
+        if missing:
+            raise ValueError(f"{cell['model']} / {cell['setting']}: no criterion {missing} (criteria: {cell['criteria']})")
+        i, j = cell["criteria"].index(a), cell["criteria"].index(b)
+        diff = cell["boot"][:, i] - cell["boot"][:, j]
+        low, high = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
+        rows.append({**{c: cell[c] for c in ("model", "setting", "metric", "ratio")}, "a": a, "b": b,
+                     "mean": cell["point"][i] - cell["point"][j], "low": low, "high": high,
+                     "p_better": float(np.mean((diff < 0) + 0.5 * (diff == 0))), "n_boot": n})
+    out = pd.DataFrame(rows, columns=["model", "setting", "metric", "ratio", "a", "b", "mean", "low", "high", "p_better", "n_boot"])
+    out.attrs.update(n=n, level=level, seed=seed, metric=metric, ratio=ratio)
+    return out
+
+
+def rank_probabilities(results: pd.DataFrame, n: int = 1000, *, seed: int = 0, model: str | None = None,
+                       exclude: Sequence[str] = (UNPRUNED,), criteria: Sequence[str] | None = None,
+                       metric: str = ALL_METRICS, ratio: float | None = None, distinct: bool = True) -> pd.DataFrame:
+    """Per (model, setting, criterion): how often the criterion is best and in the top two, over
+    `bootstrap_average_ranks`' replicates (same arguments, same seed).
+
+    In a replicate a criterion is best when no other criterion has a strictly lower average rank,
+    and in the top two when at most one has; criteria that tie (identical pruned models always
+    do) are each counted, so P(best) can sum to more than 1 over criteria. Columns: model, setting,
+    metric, ratio, criterion, mean_rank (point estimate), p_best, p_top2, n_boot.
+    """
+    _check_filters(0.5, n, metric, ratio)
+    cells, _ = _replicates(results, n, seed, model, exclude, criteria, metric, ratio, distinct)
+    rows = []
+    for cell in cells:
+        boot = cell["boot"]  # [n, C]
+        better = (boot[:, None, :] < boot[:, :, None]).sum(axis=2)  # [n, C]: how many rank strictly better
+        for k, criterion in enumerate(cell["criteria"]):
+            rows.append({**{c: cell[c] for c in ("model", "setting", "metric", "ratio")}, "criterion": criterion,
+                         "mean_rank": cell["point"][k], "p_best": float(np.mean(better[:, k] == 0)),
+                         "p_top2": float(np.mean(better[:, k] <= 1)), "n_boot": n})
+    out = pd.DataFrame(rows, columns=["model", "setting", "metric", "ratio", "criterion", "mean_rank", "p_best", "p_top2", "n_boot"])
+    out.attrs.update(n=n, seed=seed, metric=metric, ratio=ratio)
+    return out
+
+
+def _bootstrap_model(frame: pd.DataFrame, model: str, n: int, seed: int, distinct: bool) -> tuple[list[dict], list[str]]:
+    from ..criteria import CALIBRATION_FREE
+
     rng = np.random.default_rng([seed, zlib.crc32(str(model).encode())])
     frame = frame.reset_index(drop=True)
     recs = frame.to_dict("records")  # row access by position (pandas row lookups are slow)
     value = frame["value"].to_numpy(dtype=float)
+    pruned = frame["pruned"].tolist() if distinct and "pruned" in frame else None
     calibrations = frame.groupby("criterion")["calibration"].nunique()
-    free = sorted(c for c, k in calibrations.items() if k == 1) if frame["calibration"].nunique() > 1 else []
+    # declared calibration-free criteria stored under one calibration answer every draw
+    free = sorted(c for c, k in calibrations.items() if c in CALIBRATION_FREE and k == 1) if frame["calibration"].nunique() > 1 else []
     dependent = frame[~frame["criterion"].isin(free)]
     if dependent.empty:
-        raise ValueError(f"model {model!r}: no criterion evaluated on more than one calibration besides {free}")
+        raise ValueError(f"model {model!r}: no criterion evaluated on a calibration besides the calibration-free {free}")
     # records: (calibration, ratio, criterion, benchmark) -> row index; free criteria answer every draw
     index: dict[tuple, int] = {}
     for i in dependent.index:
@@ -511,16 +681,26 @@ def _bootstrap_model(frame: pd.DataFrame, model: str, n: int, level: float, seed
     all_benchmarks = suite_order(frame)
     higher = {b: bool(g["higher_is_better"].iloc[0]) if g["higher_is_better"].iloc[0] is not None else True
               for b, g in frame.groupby("benchmark")}
-    plans = []  # (setting, criteria, {base: {seed: [(calibration, ratio, benchmarks)]}})
+    plans = []  # (setting, criteria, {base: {draw: [(calibration, ratio, benchmarks)]}})
     matched = {c: matched_benchmarks(frame, c) for c in dependent["calibration"].unique()}
     for setting, group in dependent.groupby("setting", sort=False):
         criteria = criterion_order(list(group["criterion"].unique()) + free)
         bases: dict[str, dict[int, list]] = {}
+        kinds: dict[str, set] = {}
         for (calibration, ratio), _ in group.groupby(["calibration", "ratio"], sort=True):
             benchmarks = (matched[calibration] if setting == "task-specific" else None) or all_benchmarks
+            benchmarks = [b for b in benchmarks if b in higher]
+            if not benchmarks:
+                continue
             base, draw = calibration_seed(calibration)
+            kinds.setdefault(base, set()).add("disjoint" if "@draw" in str(calibration) else "seeded")
             bases.setdefault(base, {}).setdefault(draw, []).append((calibration, float(ratio), benchmarks))
-        plans.append((setting, criteria, bases))
+        mixed = sorted(b for b, k in kinds.items() if len(k) > 1)
+        if mixed:
+            raise ValueError(f"model {model!r}, {setting}: calibration {mixed} has both seeded draws (@seed<k>, overlapping) "
+                             "and disjoint draws (@draw<k>of<n>); rank one kind (filter the results by calibration)")
+        if bases:
+            plans.append((setting, criteria, bases))
     plans.sort(key=lambda p: (SETTING_ORDER.index(p[0]) if p[0] in SETTING_ORDER else len(SETTING_ORDER), str(p[0])))
 
     # every record used, complete grid
@@ -539,7 +719,9 @@ def _bootstrap_model(frame: pd.DataFrame, model: str, n: int, level: float, seed
                                 used.setdefault(benchmark, set()).add(i)
     if missing:
         raise ValueError(f"model {model!r}: {len(missing)} (calibration, criterion, ratio, benchmark) without an 'ok' record, "
-                         f"so the criteria cannot be ranked together: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+                         f"so the criteria cannot be ranked together (an incomplete sweep? only "
+                         f"{', '.join(sorted(CALIBRATION_FREE))} may be stored once for every calibration): "
+                         f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
 
     # items per benchmark: distinct outcome rows, aligned by doc_id; replicate values [u, n]
     values: dict[int, tuple[str, int]] = {}  # row -> (benchmark, distinct-row index)
@@ -553,7 +735,7 @@ def _bootstrap_model(frame: pd.DataFrame, model: str, n: int, level: float, seed
                          f"{'; '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
     for benchmark in [b for b in all_benchmarks if b in used]:
         reference = kinds = None
-        distinct: dict[bytes, int] = {}
+        distinct_rows: dict[bytes, int] = {}
         nums, dens = [], []
         for i in sorted(used[benchmark]):
             row = recs[i]
@@ -571,18 +753,18 @@ def _bootstrap_model(frame: pd.DataFrame, model: str, n: int, level: float, seed
             aligned_num, aligned_den = np.empty_like(num), np.empty_like(den)
             aligned_num[order], aligned_den[order] = num, den
             key = aligned_num.tobytes() + aligned_den.tobytes()
-            if key not in distinct:
-                distinct[key] = len(nums)
+            if key not in distinct_rows:
+                distinct_rows[key] = len(nums)
                 nums.append(aligned_num)
                 dens.append(aligned_den)
-            values[i] = (benchmark, distinct[key])
+            values[i] = (benchmark, distinct_rows[key])
         I = len(reference)
         draws = rng.integers(0, I, size=(n, I))
         weights = np.bincount((draws + I * np.arange(n)[:, None]).ravel(), minlength=n * I).reshape(n, I).astype(float)
-        replicate[benchmark] = _SCALE[kinds] * (np.stack(nums) @ weights.T) / (np.stack(dens) @ weights.T)  # [u, n]
+        replicate[benchmark] = _transform(kinds, (np.stack(nums) @ weights.T) / (np.stack(dens) @ weights.T))  # [u, n]
         n_items[benchmark] = I
 
-    rows = []
+    cells_out = []
     for setting, criteria, bases in plans:
         C = len(criteria)
         point_bases, boot_bases = [], []
@@ -596,13 +778,17 @@ def _bootstrap_model(frame: pd.DataFrame, model: str, n: int, level: float, seed
                     ratios_seen.add(ratio)
                     benchmarks_seen.update(benchmarks)
                     point_rank, boot_rank = np.zeros(C), np.zeros((n, C))
+                    groups = None
                     for benchmark in benchmarks:
                         ids = [record(calibration, ratio, c, benchmark) for c in criteria]
+                        if pruned is not None and groups is None:
+                            keys = [pruned[i] if isinstance(pruned[i], str) else f"#{i}" for i in ids]
+                            groups = np.unique(keys, return_inverse=True)[1]
                         point = value[ids]  # [C]
                         boot = np.stack([replicate[benchmark][values[i][1]] for i in ids], axis=1)  # [n, C]
                         sign = -1.0 if higher[benchmark] else 1.0
-                        point_rank += _average_ranks(sign * point)
-                        boot_rank += _average_ranks(sign * boot)
+                        point_rank += _distinct_ranks(sign * point, groups)
+                        boot_rank += _distinct_ranks(sign * boot, groups)
                     point_cells.append(point_rank / len(benchmarks))
                     boot_cells.append(boot_rank / len(benchmarks))
                 point_draws.append(np.mean(point_cells, axis=0))
@@ -613,16 +799,172 @@ def _bootstrap_model(frame: pd.DataFrame, model: str, n: int, level: float, seed
             counts = np.stack([(picks == s).sum(axis=1) for s in range(S)], axis=1)  # [n, S]
             point_bases.append(np.mean(point_draws, axis=0))
             boot_bases.append(np.einsum("ns,snc->nc", counts, np.stack(boot_draws)) / S)
-        point = np.mean(point_bases, axis=0)
-        boot = np.mean(boot_bases, axis=0)  # [n, C]
-        low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
-        n_seeds = min(len(d) for d in bases.values())
-        for k, criterion in enumerate(criteria):
-            rows.append({"model": model, "setting": setting, "criterion": criterion, "mean_rank": point[k],
-                         "low": low[k], "high": high[k], "boot_mean": boot[:, k].mean(), "n_criteria": C, "n_benchmarks": len(benchmarks_seen),
-                         "n_items": sum(n_items[b] for b in benchmarks_seen), "n_ratios": len(ratios_seen),
-                         "n_draws": n_draws, "n_seeds": n_seeds, "n_boot": n})
-    return rows, free
+        cells_out.append({"model": model, "setting": setting, "criteria": criteria,
+                          "point": np.mean(point_bases, axis=0), "boot": np.mean(boot_bases, axis=0),  # [C], [n, C]
+                          "n_criteria": C, "n_benchmarks": len(benchmarks_seen),
+                          "n_items": sum(n_items[b] for b in benchmarks_seen), "n_ratios": len(ratios_seen),
+                          "n_draws": n_draws, "n_seeds": min(len(d) for d in bases.values())})
+    return cells_out, free
+
+
+# ---------------------------------------------------------------- the paper's question, per setting, ratio and metric
+
+
+REPORT_COLUMNS = ["model", "setting", "ratio", "metric", "criterion", "mean_rank", "low", "high", "p_best", "p_top2",
+                  "n_criteria", "n_benchmarks", "n_items", "n_draws", "n_seeds"]
+PAIRED_COLUMNS = ["model", "setting", "ratio", "metric", "a", "b", "mean", "low", "high", "p_better"]
+
+
+def rank_report(results: pd.DataFrame, *, model: str, ratios: Sequence[float] | None = None,
+                metrics: Sequence[str] = (ACCURACY, BITS_PER_BYTE), new: Sequence[str] = NEW_CRITERIA,
+                n: int = 1000, level: float = 0.9, seed: int = 0, distinct: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ranking per (setting, ratio, metric family) of one model, from one set of replicates per
+    (ratio, metric): what `bootstrap_average_ranks`, `rank_probabilities` and `paired_rank_differences`
+    give with the same arguments, computed once.
+
+    Returns (ranks, paired). ranks: one row per (setting, ratio, metric, criterion) with the average
+    rank, its interval, P(best) and P(top 2) (`REPORT_COLUMNS`). paired: per (setting, ratio,
+    metric), each criterion of `new` (MAN, MSAN) against the best-ranked other criterion of that
+    cell (by point estimate; the strongest competitor there): the paired difference of average
+    ranks (negative = the new criterion ranks better), its interval and P(new ranks better).
+    ratios: default every ratio of the model's records.
+    """
+    frame = results[results["model"] == model]
+    if frame.empty:
+        raise ValueError(f"no results of model {model!r}")
+    ratios = sorted(frame.loc[frame["criterion"] != UNPRUNED, "ratio"].astype(float).unique()) if ratios is None else list(ratios)
+    ranks, paired = [], []
+    for ratio in ratios:
+        for metric in metrics:
+            _check_filters(level, n, metric, ratio)
+            cells, _ = _replicates(frame, n, seed, model, (UNPRUNED,), None, metric, ratio, distinct)
+            for cell in cells:
+                boot, point, names = cell["boot"], cell["point"], cell["criteria"]
+                low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
+                better = (boot[:, None, :] < boot[:, :, None]).sum(axis=2)
+                key = {"model": model, "setting": cell["setting"], "ratio": float(ratio), "metric": metric}
+                for k, criterion in enumerate(names):
+                    ranks.append({**key, "criterion": criterion, "mean_rank": point[k], "low": low[k], "high": high[k],
+                                  "p_best": float(np.mean(better[:, k] == 0)), "p_top2": float(np.mean(better[:, k] <= 1)),
+                                  **{c: cell[c] for c in REPORT_COLUMNS[10:]}})
+                others = [k for k, c in enumerate(names) if c not in new]
+                if not others:
+                    continue
+                rival = min(others, key=lambda k: point[k])
+                for criterion in [c for c in new if c in names]:
+                    i = names.index(criterion)
+                    diff = boot[:, i] - boot[:, rival]
+                    lo, hi = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
+                    paired.append({**key, "a": criterion, "b": names[rival], "mean": point[i] - point[rival], "low": lo,
+                                   "high": hi, "p_better": float(np.mean((diff < 0) + 0.5 * (diff == 0)))})
+    ranks_frame = pd.DataFrame(ranks, columns=REPORT_COLUMNS)
+    paired_frame = pd.DataFrame(paired, columns=PAIRED_COLUMNS)
+    for out in (ranks_frame, paired_frame):
+        out.attrs.update(n=n, level=level, seed=seed, model=model)
+    return ranks_frame, paired_frame
+
+
+SETTING_WORDS = {
+    "task-agnostic": "task-agnostic (general-domain calibration, every benchmark)",
+    "task-specific": "task-specific (code and math calibrations, their own benchmarks)",
+    "all-domain": "all-domain (calibration covering every evaluation domain, every benchmark)",
+}
+METRIC_WORDS = {ACCURACY: "accuracy", BITS_PER_BYTE: "bits per byte"}
+
+
+def rank_verdicts(ranks: pd.DataFrame, paired: pd.DataFrame, *, top: int = 2) -> list[str]:
+    """One sentence per (setting, ratio, metric) of `rank_report`, computed from its numbers: the
+    `top` leading criteria with average rank, interval and P(top 2); where MAN and MSAN rank; and
+    their paired difference to the strongest other criterion, with a verdict that says whether
+    the interval excludes zero."""
+    level = ranks.attrs.get("level", 0.9)
+    sentences = []
+    def order(key):
+        setting, ratio, metric = key
+        return (SETTING_ORDER.index(setting) if setting in SETTING_ORDER else len(SETTING_ORDER), ratio,
+                METRIC_FAMILIES.index(metric) if metric in METRIC_FAMILIES else len(METRIC_FAMILIES))
+
+    groups = dict(list(ranks.groupby(["setting", "ratio", "metric"], sort=False)))
+    for (setting, ratio, metric) in sorted(groups, key=order):
+        cell = groups[(setting, ratio, metric)].sort_values("mean_rank", kind="stable")
+        lead = "; ".join(f"{display_name(r.criterion)} {r.mean_rank:.2f} [{r.low:.2f}, {r.high:.2f}], P(top 2) {r.p_top2:.2f}"
+                         for r in cell.head(top).itertuples())
+        text = (f"{SETTING_WORDS.get(setting, setting).capitalize()}, {ratio:.0%} removed, {METRIC_WORDS.get(metric, metric)} "
+                f"({int(cell['n_criteria'].iloc[0])} criteria): lead {lead}.")
+        for p in paired[(paired["setting"] == setting) & (paired["ratio"] == ratio) & (paired["metric"] == metric)].itertuples():
+            place = cell.reset_index(drop=True).index[cell["criterion"].to_numpy() == p.a][0] + 1
+            if p.high < 0:
+                verdict = f"ranks better than {display_name(p.b)}"
+            elif p.low > 0:
+                verdict = f"ranks worse than {display_name(p.b)}"
+            else:
+                verdict = f"is not distinguishable from {display_name(p.b)}"
+            text += (f" {display_name(p.a)} is {_ordinal(place)} and {verdict} (paired difference {p.mean:+.2f}, "
+                     f"{level:.0%} interval [{p.low:+.2f}, {p.high:+.2f}], P(better) {p.p_better:.2f}).")
+        sentences.append(text)
+    return sentences
+
+
+def _ordinal(k: int) -> str:
+    return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
+
+
+def rank_report_table(ranks: pd.DataFrame, paired: pd.DataFrame | None = None, *, setting: str, digits: int = 2) -> pd.DataFrame:
+    """One setting of `rank_report` as criterion rows x (ratio, metric) columns of "mean [low, high]",
+    with a last row per column for each new criterion's paired difference to the strongest other."""
+    rows = ranks[ranks["setting"] == setting]
+    if rows.empty:
+        raise ValueError(f"no rows of setting {setting!r} (settings: {sorted(set(ranks['setting']))})")
+    cell = [f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" for m, lo, hi in zip(rows["mean_rank"], rows["low"], rows["high"])]
+    rows = rows.assign(cell=cell, column=[f"{r:.0%} · {METRIC_WORDS.get(m, m)}" for r, m in zip(rows["ratio"], rows["metric"])])
+    columns = list(dict.fromkeys(rows.sort_values(["ratio"], kind="stable")["column"]))
+    table = rows.pivot_table(index="criterion", columns="column", values="cell", aggfunc="first")
+    table = table.reindex(index=criterion_order(table.index), columns=columns)
+    table.index = [display_name(c) for c in table.index]
+    if paired is not None and not paired.empty:
+        part = paired[paired["setting"] == setting]
+        for a in dict.fromkeys(part["a"]):
+            line = {}
+            for p in part[part["a"] == a].itertuples():
+                line[f"{p.ratio:.0%} · {METRIC_WORDS.get(p.metric, p.metric)}"] = (
+                    f"{p.mean:+.{digits}f} [{p.low:+.{digits}f}, {p.high:+.{digits}f}] vs {display_name(p.b)}")
+            table.loc[f"{display_name(a)} − strongest other (paired)"] = pd.Series(line)
+    table = table.fillna("–")
+    table.columns.name = None
+    table.attrs.update(ranks.attrs, bold=False)
+    return table
+
+
+def rank_report_caption(ranks: pd.DataFrame, setting: str, *, latex: bool = False) -> str:
+    """What `rank_report_table` shows, in words."""
+    rows = ranks[ranks["setting"] == setting]
+    level, n = ranks.attrs.get("level", 0.9), ranks.attrs.get("n", 1000)
+    first = rows.iloc[0]
+    percent = r"\%" if latex else "%"
+    return (f"{SETTING_WORDS.get(setting, setting).capitalize()}: average rank of {int(first['n_criteria'])} criteria "
+            f"(1 = best; lower is better) per ratio removed and metric family, with {level:.0%} percentile bootstrap "
+            f"intervals from {n} replicates (items resampled within each benchmark, paired across criteria; calibration "
+            f"draws resampled, {int(first['n_draws'])} draws). Identical pruned models are ranked once. Last rows: the "
+            f"paired difference of MAN's and MSAN's average rank to the strongest other criterion of the column "
+            f"(negative = better), with its interval.").replace("%", percent)
+
+
+def write_rank_report(ranks: pd.DataFrame, paired: pd.DataFrame, out_dir: str | Path, name: str) -> list[Path]:
+    """`name`.md: the verdict sentences (`rank_verdicts`) and one table per setting (`rank_report_table`);
+    `name`.tex: the tables with captions."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = sorted(set(ranks["setting"]), key=lambda s: (SETTING_ORDER.index(s) if s in SETTING_ORDER else len(SETTING_ORDER), s))
+    md = ["\n".join(f"- {sentence}" for sentence in rank_verdicts(ranks, paired))]
+    tex = []
+    for setting in settings:
+        table = rank_report_table(ranks, paired, setting=setting)
+        md.append(to_markdown(table) + "\n\n" + rank_report_caption(ranks, setting))
+        tex.append(to_latex(table, caption=rank_report_caption(ranks, setting), label=f"tab:{name}:{setting}"))
+    paths = [out_dir / f"{name}.md", out_dir / f"{name}.tex"]
+    paths[0].write_text("\n\n".join(md) + "\n")
+    paths[1].write_text("\n\n".join(tex))
+    return paths
 
 
 def rank_interval_table(boot: pd.DataFrame, *, digits: int = 2) -> pd.DataFrame:

@@ -293,3 +293,114 @@ def test_table_and_figure(tmp_path):
     box = re.search(rb"/MediaBox \[\s*([\d.]+) ([\d.]+) ([\d.]+) ([\d.]+)\s*\]", first[1].read_bytes())
     width_cm = (float(box[3]) - float(box[1])) / 72 * 2.54
     assert 12 < width_cm <= PAGE_WIDTH_CM + 0.01
+
+
+# ---------------------------------------------------------------- metric and ratio filters, paired tests, probabilities
+
+
+def _hand_frame(outcomes: dict, *, pruned: dict | None = None, calibration="embedded:literature@draw0of3",
+                setting="task-agnostic") -> pd.DataFrame:
+    """One model, one draw, one ratio, one accuracy benchmark: criterion -> per-item acc."""
+    records = []
+    for criterion, acc in outcomes.items():
+        items = {"doc_id": [str(k) for k in range(len(acc))], "acc": list(acc)}
+        records.append({"model": "toy", "calibration": calibration, "setting": setting, "criterion": criterion,
+                        "ratio": 0.25, "benchmark": "literature_mc", "label": "x", "task": "x", "suite": "toy",
+                        "domain": "literature", "metric": "acc,none", "higher_is_better": True, "value": float(np.mean(acc)),
+                        "stderr": None, "n": len(acc), "status": "ok", "note": "", "b": None, "alpha": None, "beta": None,
+                        "evaluation": {"limit": None}, "items": items,
+                        "pruned": (pruned or {}).get(criterion, f"model-{criterion}")})
+    return as_frame(records)
+
+
+def test_paired_difference_and_rank_probabilities_against_a_hand_computation():
+    """Two items; a is right on the first, b on the second, c on neither. A replicate draws the items
+    (0,0), (1,1) (1/4 each) or one of each (1/2): a beats b, b beats a, or they tie. By hand:
+    P(a better than b) = 1/4 + 1/2 * 1/2 = 1/2; P(a best) = 1/4 + 1/2 = 3/4 (best with a tie);
+    P(c in the top two) = 1/4 + 1/4 = 1/2; rank differences a - b: -1.5, +1.5 or 0."""
+    from moepaper.pipeline.tables import paired_rank_differences, rank_probabilities
+
+    df = _hand_frame({"a": [1, 0], "b": [0, 1], "c": [0, 0]})
+    n = 4000
+    diff = paired_rank_differences(df, "a", "b", n=n, level=0.9).iloc[0]
+    assert diff["mean"] == 0.0  # point: a and b tie at 1.5
+    assert abs(diff["p_better"] - 0.5) < 0.03
+    assert (diff["low"], diff["high"]) == (-1.5, 1.5)
+    probs = rank_probabilities(df, n=n).set_index("criterion")
+    assert abs(probs.loc["a", "p_best"] - 0.75) < 0.03 and abs(probs.loc["b", "p_best"] - 0.75) < 0.03
+    assert probs.loc["c", "p_best"] == 0.0 and abs(probs.loc["c", "p_top2"] - 0.5) < 0.03
+    assert probs.loc["a", "p_top2"] == 1.0
+    # the difference is the difference of the replicates bootstrap_average_ranks summarises
+    boot = bootstrap_average_ranks(df, n=n).set_index("criterion")
+    assert diff["mean"] == boot.loc["a", "mean_rank"] - boot.loc["b", "mean_rank"]
+    with pytest.raises(ValueError, match="no criterion"):
+        paired_rank_differences(df, "a", "nope", n=10)
+
+
+def test_identical_pruned_models_are_ranked_once():
+    from moepaper.pipeline.tables import identical_pruned_models
+
+    outcomes = {"x": [1, 1, 0, 1], "y": [1, 1, 0, 1], "z": [0, 0, 0, 1]}
+    same = _hand_frame(outcomes, pruned={"x": "k1", "y": "k1", "z": "k2"})
+    distinct = bootstrap_average_ranks(same, n=20).set_index("criterion")["mean_rank"]
+    assert (distinct["x"], distinct["y"], distinct["z"]) == (1.0, 1.0, 2.0)
+    counted_twice = bootstrap_average_ranks(same, n=20, distinct=False).set_index("criterion")["mean_rank"]
+    assert (counted_twice["x"], counted_twice["y"], counted_twice["z"]) == (1.5, 1.5, 3.0)
+    groups = identical_pruned_models(same)
+    assert list(groups["criteria"]) == [("x", "y")]
+    # equal values but different pruned models are ordinary ties
+    apart = bootstrap_average_ranks(_hand_frame(outcomes), n=20).set_index("criterion")["mean_rank"]
+    assert (apart["x"], apart["z"]) == (1.5, 3.0)
+
+
+def test_metric_and_ratio_filters(tmp_path, records):
+    df = write_records(tmp_path, records)
+    accuracy = bootstrap_average_ranks(df, n=30, metric="accuracy", ratio=0.25)
+    assert set(accuracy["metric"]) == {"accuracy"} and set(accuracy["ratio"]) == {0.25}
+    assert set(accuracy.loc[accuracy["setting"] == "task-agnostic", "n_benchmarks"]) == {3}  # the three _mc benchmarks
+    assert set(accuracy["n_ratios"]) == {1}
+    bpb = bootstrap_average_ranks(df, n=30, metric="bits_per_byte", ratio=0.5)
+    assert set(bpb.loc[bpb["setting"] == "task-agnostic", "n_benchmarks"]) == {2}
+    # by hand: the accuracy point estimate is average_rank_summary on the accuracy benchmarks at 25%
+    mc = [b for b, (_, kind) in BENCHMARKS.items() if kind == "mc"]
+    summary = average_rank_summary(df, model="toy", criteria=None, benchmarks=mc)
+    expected = summary.loc[:, [c for c in summary.columns if c[0] == "task-agnostic" and c[3] == "25%"]].mean(axis=1)
+    got = accuracy[accuracy["setting"] == "task-agnostic"].set_index("criterion")["mean_rank"]
+    np.testing.assert_allclose(got.sort_index(), expected.reindex(got.index).sort_index(), atol=1e-12)
+    averaged = bootstrap_average_ranks(df, n=30)
+    assert averaged["ratio"].isna().all() and set(averaged["n_ratios"]) == {2}
+    for bad, match in ((dict(metric="acc"), "metric="), (dict(ratio=1.5), "ratio=")):
+        with pytest.raises(ValueError, match=match):
+            bootstrap_average_ranks(df, n=5, **bad)
+
+
+def test_paper_suite_metrics_are_read_with_their_direction():
+    """Records of the paper suite store items under the metric's own name (acc_norm, exact_match, pass@1)."""
+    records = []
+    for criterion, good in (("man", 1), ("reap", 0)):
+        for benchmark, metric in (("arc_c", "acc_norm,none"), ("gsm8k", "exact_match,strict-match"), ("humaneval", "pass@1,create_test")):
+            name = metric.split(",")[0]
+            acc = [good, good, 1 - good, 1]
+            records.append({"model": "m", "calibration": "c4", "setting": "task-agnostic", "criterion": criterion, "ratio": 0.25,
+                            "benchmark": benchmark, "label": benchmark, "task": benchmark, "suite": "toy", "domain": "x",
+                            "metric": metric, "higher_is_better": True, "value": float(np.mean(acc)), "stderr": None,
+                            "n": 4, "status": "ok", "note": "", "b": None, "alpha": None, "beta": None,
+                            "evaluation": {"limit": None}, "items": {"doc_id": [0, 1, 2, 3], name: acc}})
+    boot = bootstrap_average_ranks(as_frame(records), n=20).set_index("criterion")
+    assert boot.loc["man", "mean_rank"] == 1.0 and boot.loc["reap", "mean_rank"] == 2.0
+    assert set(boot["n_benchmarks"]) == {3}
+
+
+def test_a_criterion_missing_on_a_draw_is_an_error_unless_declared_calibration_free():
+    """An interrupted sweep (a criterion present on one draw only) is never taken for a calibration-free criterion."""
+    records = synthetic_records(seeds=(0, 1), items=20)
+    partial = [r for r in records if not (r["criterion"] == "frequency" and r["calibration"] != "embedded:mixed")]
+    with pytest.raises(ValueError, match=r"without an .ok. record.*embedded:mixed@seed1 / frequency"):
+        bootstrap_average_ranks(as_frame(partial), n=5)
+
+
+def test_seeded_and_disjoint_draws_of_one_source_are_not_mixed():
+    records = synthetic_records(seeds=(0, 1), items=20, calibrations={"embedded:mixed": "task-agnostic"})
+    records += [{**r, "calibration": "embedded:mixed@draw0of3"} for r in records if r["calibration"] == "embedded:mixed"]
+    with pytest.raises(ValueError, match="both seeded draws"):
+        bootstrap_average_ranks(as_frame(records), n=5)
