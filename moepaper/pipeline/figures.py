@@ -420,6 +420,25 @@ def plot_rank_intervals(boot: pd.DataFrame, *, models: Sequence[str] | None = No
     return fig
 
 
+def plot_rank_report(ranks: pd.DataFrame, *, setting: str = "task-agnostic", width_cm: float = PAGE_WIDTH_CM):
+    """One setting of `tables.rank_report`: a panel per metric family (accuracy, bits per byte), the
+    ratios' average ranks (dots) and intervals (bars) side by side on each criterion's row."""
+    from .tables import METRIC_WORDS
+
+    rows = ranks[ranks["setting"] == setting]
+    if rows.empty:
+        raise ValueError(f"no rows of setting {setting!r} (settings: {sorted(set(ranks['setting']))})")
+    frame = rows.assign(model=[f"{r:.0%} removed" for r in rows["ratio"]],
+                        setting=[METRIC_WORDS.get(m, m) for m in rows["metric"]])
+    frame.attrs.update(ranks.attrs)
+    ratios = [f"{r:.0%} removed" for r in sorted(rows["ratio"].unique())]
+    metrics = [METRIC_WORDS.get(m, m) for m in dict.fromkeys(rows["metric"])]
+    fig = plot_rank_intervals(frame, models=ratios, settings=metrics, width_cm=width_cm)
+    legend = fig.legends[0]
+    legend.set_title(f"{rows['model'].iloc[0]}, {setting}: {legend.get_title().get_text()}")
+    return fig
+
+
 # ---------------------------------------------------------------- figures from statistics
 
 

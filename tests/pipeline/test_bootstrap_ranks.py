@@ -404,3 +404,64 @@ def test_seeded_and_disjoint_draws_of_one_source_are_not_mixed():
     records += [{**r, "calibration": "embedded:mixed@draw0of3"} for r in records if r["calibration"] == "embedded:mixed"]
     with pytest.raises(ValueError, match="both seeded draws"):
         bootstrap_average_ranks(as_frame(records), n=5)
+
+
+def test_rank_report_is_the_filtered_bootstraps_and_its_verdicts_follow_the_numbers(tmp_path, records):
+    """rank_report's cells equal bootstrap_average_ranks / rank_probabilities / paired_rank_differences
+    with the same filters and seed; each verdict sentence names the leader and says whether the paired
+    interval excludes zero."""
+    from moepaper.pipeline.figures import plot_rank_report
+    from moepaper.pipeline.tables import (
+        paired_rank_differences,
+        rank_probabilities,
+        rank_report,
+        rank_report_table,
+        rank_verdicts,
+        write_rank_report,
+    )
+
+    df = as_frame(records)
+    ranks, paired = rank_report(df, model="toy", n=200)
+    assert set(zip(ranks["ratio"], ranks["metric"])) == {(r, m) for r in (0.25, 0.5) for m in ("accuracy", "bits_per_byte")}
+    cell = ranks[(ranks["ratio"] == 0.5) & (ranks["metric"] == "accuracy")].set_index(["setting", "criterion"])
+    boot = bootstrap_average_ranks(df, n=200, metric="accuracy", ratio=0.5).set_index(["setting", "criterion"])
+    probs = rank_probabilities(df, n=200, metric="accuracy", ratio=0.5).set_index(["setting", "criterion"])
+    for column in ("mean_rank", "low", "high"):
+        np.testing.assert_array_equal(cell[column], boot.loc[cell.index, column])
+    np.testing.assert_array_equal(cell["p_top2"], probs.loc[cell.index, "p_top2"])
+    agnostic = cell.loc["task-agnostic"]
+    rival = agnostic.drop(index=["man", "msan"])["mean_rank"].idxmin()
+    row = paired[(paired["ratio"] == 0.5) & (paired["metric"] == "accuracy") & (paired["setting"] == "task-agnostic")
+                 & (paired["a"] == "man")].iloc[0]
+    assert row["b"] == rival
+    direct = paired_rank_differences(df, "man", rival, n=200, metric="accuracy", ratio=0.5)
+    assert row["mean"] == direct[direct["setting"] == "task-agnostic"]["mean"].iloc[0]
+    assert row["low"] == direct[direct["setting"] == "task-agnostic"]["low"].iloc[0]
+
+    sentences = rank_verdicts(ranks, paired)
+    assert len(sentences) == 2 * 2 * 2  # settings x ratios x metrics
+    first = sentences[0]
+    leader = ranks[(ranks["setting"] == "task-agnostic") & (ranks["ratio"] == 0.25)
+                                          & (ranks["metric"] == "accuracy")].sort_values("mean_rank").iloc[0]
+    assert first.startswith("Task-agnostic") and "25% removed, accuracy" in first
+    assert f"lead {display(leader['criterion'])} {leader['mean_rank']:.2f}" in first
+    p = paired[(paired["setting"] == "task-agnostic") & (paired["ratio"] == 0.25) & (paired["metric"] == "accuracy")
+               & (paired["a"] == "man")].iloc[0]
+    expected = "ranks better than" if p["high"] < 0 else "ranks worse than" if p["low"] > 0 else "is not distinguishable from"
+    assert "MAN is" in first and expected in first.split("MAN is", 1)[1]
+
+    table = rank_report_table(ranks, paired, setting="task-agnostic")
+    assert list(table.columns) == ["25% · accuracy", "25% · bits per byte", "50% · accuracy", "50% · bits per byte"]
+    assert table.index[-2].startswith("MAN − strongest other")
+    md, tex = write_rank_report(ranks, paired, tmp_path, "report")
+    assert sentences[0] in md.read_text() and r"\caption" in tex.read_text()
+    fig = plot_rank_report(ranks, setting="task-specific")
+    assert [ax.get_title() for ax in fig.axes] == ["accuracy", "bits per byte"]
+    with pytest.raises(ValueError, match="no rows of setting"):
+        plot_rank_report(ranks, setting="all-domain")
+
+
+def display(criterion: str) -> str:
+    from moepaper.pipeline.tables import display_name
+
+    return display_name(criterion)
