@@ -1,6 +1,6 @@
 """Where one full-suite evaluation's time goes: lm-eval against a plain forward over the same tokens.
 
-    .venv/bin/python benchmarks/evaluation.py [--model embedded|embedded-pooled|random|both] [--threads 2]
+    .venv/bin/python benchmarks/evaluation.py [--model embedded|embedded-16e|random|both] [--threads 2]
         [--batch-size 8] [--limit all] [--experts grouped_mm] [--json out.json]
 
 For each model, in one process (the machine is noisy, so we report ratios measured in the
@@ -24,7 +24,7 @@ max |packed - fast| per benchmark, and whether every per-item accuracy of packed
 
 `--model random` builds an untrained model of the default embedded shape (Qwen3-MoE, 64
 experts, top-8, expert width 32, hidden 256, 4 layers, vocab 4096) with the embedded
-tokenizer; `embedded` and `embedded-pooled` load the committed embedded models (`both`: these two).
+tokenizer; `embedded` and `embedded-16e` load the committed embedded models (`both`: these two).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from moepaper.pipeline import evaluation  # noqa: E402
 def build(name: str):
     from moepaper.testbed.embedded import load_embedded_model
 
-    model, tokenizer = load_embedded_model("embedded-pooled" if name == "embedded-pooled" else "embedded")
-    if name in ("embedded", "embedded-pooled"):
+    model, tokenizer = load_embedded_model("embedded-16e" if name == "embedded-16e" else "embedded")
+    if name in ("embedded", "embedded-16e"):
         return model, tokenizer
     from moepaper.testbed.train import TrainConfig, build_model
 
@@ -166,7 +166,7 @@ def measure(name: str, batch_size: int, limit, experts: str | None) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("embedded", "embedded-pooled", "random", "both"), default="both")
+    parser.add_argument("--model", choices=("embedded", "embedded-16e", "random", "both"), default="both")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--batch-size", type=int, default=evaluation.DEFAULT_BATCH_SIZE)
     parser.add_argument("--limit", default="all", help="'all' (every item) or items per task")
@@ -176,7 +176,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     limit = "all" if args.limit == "all" else int(args.limit)
-    names = ["embedded", "embedded-pooled"] if args.model == "both" else [args.model]
+    names = ["embedded", "embedded-16e"] if args.model == "both" else [args.model]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; batch size {args.batch_size}; limit {args.limit}")
     results = []

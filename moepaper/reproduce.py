@@ -29,8 +29,11 @@ Configurations (`--config`, several allowed; default `DEFAULT_CONFIGS`, what `ma
                      statistics of 3 calibrations x 3 seeds, the named criteria on every item of
                      the local suite (data/results/named/), and the grid on the mixed calibration,
                      seed 0, at 80 / 30 items (data/results/grid/, the heatmap); figures in figures/
-    embedded-pooled  the same on the balance ablation (16 experts, top-2, pooled aux loss); its grid
+    embedded-16e     the same on the first balance ablation (16 experts, top-2, pooled aux loss); its grid
                      covers the three calibrations (committed)
+    embedded-pooled  the same-shape balance ablation (the default's recipe, pooled aux loss) and
+    embedded-seed1   the default's recipe with training seed 1: the three general-domain draws and
+                     one draw each of code and math, named criteria (not in the default run)
     paper            the paper's four models on GPU (needs the Hub and a GPU): outputs in runs/paper/
     tiny             a tiny random Qwen3-MoE, a few items per task (CI): outputs in runs/tiny/
 
@@ -98,7 +101,7 @@ class ModelRun:
     """One model of a configuration: its spec, its calibrations and seeds, its sweeps and the shared parameters."""
 
     name: str  # short name: results and statistics paths, table titles
-    model: str  # load_model spec: "embedded", "embedded-pooled", "tiny:<family>", an HF id or a path
+    model: str  # load_model spec: "embedded", "embedded-16e", "tiny:<family>", an HF id or a path
     calibrations: dict[str, str]  # calibration source -> setting
     ratios: list[float]
     collect: dict = field(default_factory=dict)  # extra parameters of 01
@@ -149,28 +152,34 @@ GRID_LIMIT = {"mc": 80, "ppl": 30}
 # The named sweep evaluates every item of the local suite (1,579 items: 838 multiple-choice, 741
 # held-out documents), with the packed scoring of `moepaper.pipeline.packed` (benchmarks/evaluation.py).
 NAMED_LIMIT = "all"
-# the ablation first: the default model's notebook 04 compares both models' rankings
-DEFAULT_CONFIGS = ("embedded-pooled", "embedded")
+# the ablation first: the default model's notebook 04 compares both models' rankings. The
+# same-shape ablation (embedded-pooled) and the retrained default (embedded-seed1) have
+# configurations of their own, run by name until their results are committed.
+DEFAULT_CONFIGS = ("embedded-16e", "embedded")
+SAME_RECIPE_MODELS = ("embedded-pooled", "embedded-seed1")
 
 
 def _embedded_config(name: str, grid_calibrations: list[str], compare_models: tuple[str, ...] = (),
-                     general: bool = True) -> RunConfig:
+                     general: bool = True, all_domain: bool = True, seeds: tuple[int, ...] = EMBEDDED_SEEDS,
+                     science: bool = True) -> RunConfig:
     """Embedded model `name` on CPU: every draw collected, the named criteria on every item of
-    every draw on every item (`NAMED_LIMIT`, data/results/named/), the grid at `GRID_LIMIT` items on the seed-0 draws of
-    `grid_calibrations` (data/results/grid/).
+    every draw (`NAMED_LIMIT`, data/results/named/), the grid at `GRID_LIMIT` items on the seed-0
+    draws of `grid_calibrations` (data/results/grid/; none when empty).
 
     Calibrations: the task-agnostic setting's `N_DISJOINT_DRAWS` disjoint general-domain draws
-    (``embedded:literature@draw<k>of3``, when `general`), the all-domain mixed calibration and the
-    task-specific code and math calibrations (seeds `EMBEDDED_SEEDS`)."""
+    (``embedded:literature@draw<k>of3``, when `general`), the all-domain mixed calibration (when
+    `all_domain`) and the task-specific code and math calibrations, with `seeds`.
+    science: run notebooks 00 and 03 for this model."""
     calibrations = {draw: TASK_AGNOSTIC for draw in disjoint_draws("embedded:literature", N_DISJOINT_DRAWS)} if general else {}
-    calibrations.update({"embedded:mixed": ALL_DOMAIN, "embedded:code": TASK_SPECIFIC, "embedded:math": TASK_SPECIFIC})
-    sweeps = [
-        Sweep("named", dict(criteria="named", limit=NAMED_LIMIT)),
-        Sweep("grid", dict(criteria="grid", limit=dict(GRID_LIMIT)), results_dir=f"{DATA}/results/grid",
-              calibrations=list(grid_calibrations), seeds=(0,)),
-    ]
+    if all_domain:
+        calibrations["embedded:mixed"] = ALL_DOMAIN
+    calibrations.update({"embedded:code": TASK_SPECIFIC, "embedded:math": TASK_SPECIFIC})
+    sweeps = [Sweep("named", dict(criteria="named", limit=NAMED_LIMIT))]
+    if grid_calibrations:
+        sweeps.append(Sweep("grid", dict(criteria="grid", limit=dict(GRID_LIMIT)), results_dir=f"{DATA}/results/grid",
+                            calibrations=list(grid_calibrations), seeds=(0,)))
     model = ModelRun(name, name, calibrations, [0.25, 0.5], dict(n_sequences=80, seq_len=512),
-                     dict(suite="local", batch_size=32), dict(threads=1), seeds=EMBEDDED_SEEDS, sweeps=sweeps,
+                     dict(suite="local", batch_size=32), dict(threads=1), seeds=seeds, sweeps=sweeps,
                      draw_collect=dict(DISJOINT_COLLECT))
     return RunConfig(
         name=name,
@@ -179,7 +188,8 @@ def _embedded_config(name: str, grid_calibrations: list[str], compare_models: tu
         results_dir=f"{DATA}/results/named",
         figures_dir=FIGURES,
         science=dict(model=name, figures_dir="figures"),
-        grid_results_dir=f"{DATA}/results/grid",
+        run_science=science,
+        grid_results_dir=f"{DATA}/results/grid" if grid_calibrations else None,
         compare_models=compare_models,
         html_dir=HTML_DIR if name == "embedded" else None,  # the default model's notebooks, rendered
     )
@@ -191,10 +201,14 @@ def _configs() -> dict[str, RunConfig]:
     gpu_eval = dict(suite="paper", batch_size=16, criteria="named")
     gpu = dict(dtype="bfloat16", device_map="auto")
     return {
-        "embedded": _embedded_config("embedded", ["embedded:mixed"], compare_models=("embedded", "embedded-pooled")),
-        # the 16-expert ablation has no general-domain draws yet (the same-shape ablation replaces it)
-        "embedded-pooled": _embedded_config("embedded-pooled", ["embedded:mixed", "embedded:code", "embedded:math"],
-                                            general=False),
+        "embedded": _embedded_config("embedded", ["embedded:mixed"], compare_models=("embedded", "embedded-16e")),
+        # the 16-expert first ablation: no general-domain draws (the same-shape ablation replaces it)
+        "embedded-16e": _embedded_config("embedded-16e", ["embedded:mixed", "embedded:code", "embedded:math"],
+                                         general=False),
+        # the same-shape balance ablation and the retrained default: the general-domain draws and one
+        # draw each of code and math (the protocol's affordable budget), no grid, no science notebooks
+        **{name: _embedded_config(name, [], general=True, all_domain=False, seeds=(0,), science=False)
+           for name in SAME_RECIPE_MODELS},
         "paper": RunConfig(
             name="paper",
             models=[

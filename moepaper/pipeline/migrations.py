@@ -20,6 +20,17 @@ which the paper's task-agnostic calibration (C4) does not, so it is now its own 
 "all-domain", and the general-domain draws are the task-agnostic ones:
 
     python -m moepaper.pipeline.migrations --relabel embedded:mixed all-domain data/results/named [--apply]
+
+`rename_model(root, old, new)`: a committed embedded model's files move to another name --
+``data/models/<old>``, ``data/statistics/<old>``, ``data/results/*/<old>`` -- and what names the
+model inside them follows: each record's ``model``, its ``provenance.statistics`` file and
+model_name, its ``same_kept_experts_as`` path, and the statistics files' metadata
+``model_name`` (tensors and checksums unchanged, so every result stays valid and a sweep
+over the moved results evaluates nothing). The 16-expert ablation moved from
+``embedded-pooled`` to ``embedded-16e`` this way, when ``embedded-pooled`` became the
+same-shape ablation:
+
+    python -m moepaper.pipeline.migrations --rename-model embedded-pooled embedded-16e . [--apply]
 """
 
 from __future__ import annotations
@@ -104,14 +115,73 @@ def relabel_setting(results_dir: str | Path, source: str, setting: str, *, apply
     return report
 
 
+def rename_model(root: str | Path, old: str, new: str, *, apply: bool = False) -> dict[str, list[str]]:
+    """Move embedded model `old`'s committed folders under `root` (a checkout) to `new` and rewrite the
+    names inside them (module docstring). Returns {"folders": [(old, new) ...], "records": [...],
+    "statistics": [...]}; changes nothing unless `apply`. Refuses when a target folder exists."""
+    from ..statistics import ExpertStatistics
+
+    root = Path(root)
+    data = root / "data"
+    folders = [(data / "models" / old, data / "models" / new), (data / "statistics" / old, data / "statistics" / new)]
+    results = data / "results"
+    folders += [(p / old, p / new) for p in sorted(results.iterdir()) if (p / old).is_dir()] if results.is_dir() else []
+    folders = [(a, b) for a, b in folders if a.is_dir()]
+    if not folders:
+        raise FileNotFoundError(f"no committed folders of model {old!r} under {data}")
+    taken = [str(b) for _, b in folders if b.exists()]
+    if taken:
+        raise FileExistsError(f"model {new!r} already has folders {taken}: not moving {old!r} onto them")
+    report: dict[str, list] = {"folders": [(str(a), str(b)) for a, b in folders], "records": [], "statistics": []}
+    prefix_old, prefix_new = f"data/statistics/{old}/", f"data/statistics/{new}/"
+    for source, _ in folders:
+        for path in sorted(source.rglob("*.json")):
+            record = read_result(path)
+            if not isinstance(record, dict) or record.get("model") != old:
+                continue
+            provenance = dict(record.get("provenance") or {})
+            statistics = dict(provenance.get("statistics") or {})
+            if str(statistics.get("file", "")).startswith(prefix_old):
+                statistics["file"] = prefix_new + statistics["file"][len(prefix_old):]
+            if statistics.get("model_name") == old:
+                statistics["model_name"] = new
+            if statistics:
+                provenance["statistics"] = statistics
+            same = provenance.get("same_kept_experts_as")
+            if isinstance(same, str) and same.startswith(f"{old}/"):
+                provenance["same_kept_experts_as"] = f"{new}/" + same[len(old) + 1:]
+            report["records"].append(str(path))
+            if apply:
+                write_json_atomic(path, {**record, "model": new, "provenance": provenance})
+        for path in sorted(source.glob("*.safetensors")):
+            if source.parent.name != "statistics":
+                continue
+            stats = ExpertStatistics.load(path)
+            if stats.metadata.get("model_name") == old:
+                report["statistics"].append(str(path))
+                if apply:
+                    stats.metadata["model_name"] = new
+                    stats.save(path)
+    if apply:
+        for a, b in folders:
+            shutil.move(str(a), str(b))
+    return report
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results_dir")
     parser.add_argument("statistics_dir", nargs="?")
     parser.add_argument("--relabel", nargs=2, metavar=("SOURCE", "SETTING"),
                         help="give every record of calibration SOURCE's draws the setting SETTING (relabel_setting)")
+    parser.add_argument("--rename-model", nargs=2, metavar=("OLD", "NEW"),
+                        help="move embedded model OLD's committed folders under RESULTS_DIR (the checkout) to NEW (rename_model)")
     parser.add_argument("--apply", action="store_true", help="move the folders (default: only report)")
     args = parser.parse_args(argv)
+    if args.rename_model:
+        report = rename_model(args.results_dir, *args.rename_model, apply=args.apply)
+        print(f"folders: {len(report['folders'])}, records: {len(report['records'])}, statistics: {len(report['statistics'])}")
+        return
     if args.relabel:
         report = relabel_setting(args.results_dir, *args.relabel, apply=args.apply)
         print(f"relabelled: {len(report['relabelled'])} records, unchanged: {len(report['unchanged'])}")

@@ -2,8 +2,10 @@
 
 A spec is one of
 - ``"embedded"``: the embedded default model (`moepaper.testbed.embedded.load_embedded_model`), offline.
-- ``"embedded-pooled"``: the embedded balance ablation (16 experts, top-2, transformers' pooled
-  auxiliary loss), offline; `EMBEDDED_MODELS` lists both.
+- ``"embedded-16e"``: the 16-expert first balance ablation (16 experts, top-2, pooled loss),
+  offline; `EMBEDDED_MODELS` lists the committed embedded models. ``"embedded-pooled"`` (the
+  same-shape ablation) and ``"embedded-seed1"`` (the retrained default) are registered in
+  `TO_TRAIN`: until trained they raise an error naming the command that trains them.
 - ``"tiny:<family>"``: a tiny random-initialised model of a supported family
   (`moepaper.testbed.tiny.tiny_model`, e.g. ``"tiny:qwen3_moe"``) with its `tiny_tokenizer`, a
   character-level tokenizer that fits its 128-token vocabulary. For tests and the
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..testbed.embedded import EMBEDDED, EMBEDDED_MODELS  # noqa: F401 (EMBEDDED also imported from here)
+from ..testbed.embedded import EMBEDDED, EMBEDDED_MODELS, TO_TRAIN  # noqa: F401 (EMBEDDED also imported from here)
 from .paper_models import PAPER_MODELS, REHEARSAL_PREFIX  # the paper's four models: key -> HF id
 
 TINY_PREFIX = "tiny:"
@@ -119,7 +121,7 @@ def _check_available(name: str) -> None:
     raise ModelNotAvailable(
         f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it. "
         f"On a machine with network run `hf download {name}` (or unset HF_HUB_OFFLINE here), "
-        f"or use model='embedded' or 'embedded-pooled' (offline) or a tiny model ('tiny:qwen3_moe')."
+        f"or use an embedded model ({', '.join(EMBEDDED_MODELS)}; offline) or a tiny model ('tiny:qwen3_moe')."
     )
 
 
@@ -139,7 +141,7 @@ def load_model(spec: str, *, dtype=None, device_map=None):
     """
     spec = str(spec).strip()
     dtype = _dtype(dtype)
-    if spec in EMBEDDED_MODELS:
+    if spec in EMBEDDED_MODELS + TO_TRAIN:  # a model not trained yet: an error naming its command
         return _load_embedded(spec, dtype, device_map)
     if spec.startswith(TINY_PREFIX):
         return _load_tiny(spec[len(TINY_PREFIX):], dtype, device_map)

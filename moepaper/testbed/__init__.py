@@ -4,7 +4,7 @@
   seeded disjoint train / validation / calibration / test splits under ``data/corpus``.
 - `train`: trains the embedded default model on it (``python -m moepaper.testbed.train``).
 - `embedded`: `load_embedded_model(name)`, the committed checkpoints ``data/models/embedded``
-  (default, per-layer balance) and ``data/models/embedded-pooled`` (the pooled-balance ablation).
+  (default, per-layer balance) and ``data/models/embedded-pooled``, ``-seed1`` and ``-16e`` (the ablations and the retrained default).
 - `tasks`: its offline lm-eval suite (bits per byte and four-way multiple choice per domain).
 - `tiny`: tiny random-initialised models of every supported family, for tests.
 

@@ -49,7 +49,7 @@ class TrainConfig:
     router_aux_loss_coef: float = 0.01
     # "per_layer": each layer's own Switch-style loss, averaged over layers (what OLMoE,
     # Qwen-MoE and DeepSeek train with); "pooled": transformers' built-in aux_loss, which
-    # pools the router counts of all layers (the `embedded-pooled` ablation was trained so)
+    # pools the router counts of all layers (the `embedded-pooled` and `embedded-16e` ablations were trained so)
     balance: str = "per_layer"
     router_z_loss_coef: float = 0.001
     seq_len: int = 512

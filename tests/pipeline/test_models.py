@@ -97,7 +97,7 @@ def test_local_path_loads_offline(tmp_path, monkeypatch):
 
 
 
-@pytest.mark.parametrize("spec", ["embedded", "embedded-pooled"])
+@pytest.mark.parametrize("spec", ["embedded", "embedded-16e"])
 def test_embedded_specs(spec):
     from moepaper.testbed.embedded import embedded_model_dir
 
@@ -109,7 +109,7 @@ def test_embedded_specs(spec):
     assert Path(model.config._name_or_path) == folder  # each spec loads its own checkpoint
     assert next(model.parameters()).dtype == torch.float32
     assert len(tokenizer) <= model.config.vocab_size
-    if spec == "embedded-pooled":
+    if spec == "embedded-16e":
         assert (model.config.num_experts, model.config.num_experts_per_tok) == (16, 2)
 
 

@@ -46,6 +46,10 @@ def test_plan_covers_every_notebook_per_configuration():
         "Qwen/Qwen3-30B-A3B-Instruct-2507",
     }
     assert all(set(m.calibrations.values()) == {"task-agnostic", "task-specific"} for m in paper.models)
+    for name in ("embedded-pooled", "embedded-seed1"):  # the protocol's budget: general x 3 disjoint draws, code and math x 1
+        (model,) = reproduce.CONFIGS[name].models
+        assert [c for c, _ in model.draws()] == [f"embedded:literature@draw{k}of3" for k in range(3)] + ["embedded:code", "embedded:math"]
+        assert not reproduce.CONFIGS[name].run_science and reproduce.CONFIGS[name].grid_results_dir is None
 
 
 @pytest.mark.slow
@@ -214,4 +218,4 @@ def test_html_copies_only_of_notebooks_without_timings():
     assert not reproduce.wants_html(Path("runs/embedded/02__embedded__embedded-mixed__named.ipynb"))
     assert all(reproduce.wants_html(Path(f"runs/embedded/{name}")) for name in
                ("00_formulation.ipynb", "00_formulation_solutions.ipynb", "03_damage_check.ipynb", "04__embedded.ipynb"))
-    assert reproduce.CONFIGS["embedded-pooled"].html_dir is None  # one set of pages: the default model's
+    assert reproduce.CONFIGS["embedded-16e"].html_dir is None  # one set of pages: the default model's

@@ -20,7 +20,7 @@ def steps_of(config_name, notebook):
     return [(out, params) for nb, out, params in reproduce.plan(reproduce.CONFIGS[config_name], REPO) if nb.startswith(notebook)]
 
 
-@pytest.mark.parametrize("name", ["embedded", "embedded-pooled"])
+@pytest.mark.parametrize("name", ["embedded", "embedded-16e"])
 def test_embedded_plan_collects_every_draw_and_sweeps_named_on_all_and_grid_apart(name):
     collect = steps_of(name, "01")
     general = GENERAL if name == "embedded" else []  # the 16-expert ablation has no general-domain draws
@@ -70,7 +70,7 @@ def test_embedded_plan_collects_every_draw_and_sweeps_named_on_all_and_grid_apar
     science = [p for nb, _, p in reproduce.plan(reproduce.CONFIGS[name], REPO) if nb.startswith(("00", "03"))]
     assert len(science) == 3 and all(p["model"] == name for p in science)  # 00, its solutions, 03
     # the default model's tables compare both models' rankings; the ablation's do not
-    assert tables.get("compare_models") == (["embedded", "embedded-pooled"] if name == "embedded" else None)
+    assert tables.get("compare_models") == (["embedded", "embedded-16e"] if name == "embedded" else None)
 
 
 def test_seeded_results_land_in_their_own_folder():
@@ -79,30 +79,32 @@ def test_seeded_results_land_in_their_own_folder():
 
 
 def test_committed_pooled_results_are_the_grid_sweeps_seed_zero():
-    """The moved results sit where the embedded-pooled grid sweep writes, under its settings."""
+    """The moved results sit where the embedded-16e grid sweep writes, under its settings (moved twice:
+    from data/results/embedded, then from embedded-pooled when that name went to the same-shape ablation)."""
     import json
 
-    folder = REPO / "data" / "results" / "grid" / "embedded-pooled"
+    folder = REPO / "data" / "results" / "grid" / "embedded-16e"
     settings = json.loads((folder / "evaluation_settings.json").read_text())
     assert settings["limit"] == reproduce.GRID_LIMIT and settings["suite"] == "local"
     assert {p.name for p in folder.iterdir() if p.is_dir()} == {"none", "embedded-mixed", "embedded-code", "embedded-math"}
     record = json.loads(next((folder / "embedded-code").rglob("code_mc.json")).read_text())
-    assert record["model"] == "embedded-pooled" and record["calibration"] == "embedded:code"
+    assert record["model"] == "embedded-16e" and record["calibration"] == "embedded:code"
     statistics = record["provenance"]["statistics"]
-    assert statistics["file"] == "data/statistics/embedded-pooled/embedded-code.safetensors"
+    assert statistics["file"] == "data/statistics/embedded-16e/embedded-code.safetensors"
     assert (REPO / statistics["file"]).exists()
     from moepaper import ExpertStatistics
 
     stats = ExpertStatistics.load(REPO / statistics["file"])
-    assert stats.checksum == record["provenance"]["statistics_hash"] and stats.metadata["model_name"] == "embedded-pooled"
+    assert stats.checksum == record["provenance"]["statistics_hash"] and stats.metadata["model_name"] == "embedded-16e"
 
 
 def test_default_runs_both_embedded_models_and_the_others_keep_one_sweep(capsys):
-    assert reproduce.DEFAULT_CONFIGS == ("embedded-pooled", "embedded")  # the comparison in embedded's 04 sees both
+    assert reproduce.DEFAULT_CONFIGS == ("embedded-16e", "embedded")  # the comparison in embedded's 04 sees both
     assert reproduce.main(["--list"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert any("runs/embedded/01__embedded__embedded-mixed-seed2" in line for line in listed)
-    assert any("runs/embedded-pooled/02__embedded-pooled__embedded-code__grid" in line for line in listed)
+    assert any("runs/embedded-16e/02__embedded-16e__embedded-code__grid" in line for line in listed)
+    assert not any("runs/embedded-pooled/" in line or "runs/embedded-seed1/" in line for line in listed)  # not default yet
     for name in ("paper", "tiny"):
         steps = reproduce.plan(reproduce.CONFIGS[name], REPO)
         models = reproduce.CONFIGS[name].models

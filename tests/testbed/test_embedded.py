@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moepaper.testbed import corpus
-from moepaper.testbed.embedded import EMBEDDED_MODELS, REGENERATE, embedded_model_dir, load_embedded_model
+from moepaper.testbed.embedded import EMBEDDED_MODELS, REGENERATE, TO_TRAIN, embedded_model_dir, load_embedded_model
 from moepaper.testbed.tasks import CHANCE, LOCAL_GROUP, LOCAL_TASKS, MC_TASKS, PPL_TASKS, TASKS_DIR, task_manager
 from moepaper.testbed.tasks.local import loaders
 
@@ -111,7 +111,7 @@ def test_checkpoint_loads_in_stock_transformers(name):
 
 
 def test_the_two_models_differ_in_balance_and_shape():
-    pooled = json.loads((require("embedded-pooled") / "training_config.json").read_text())
+    pooled = json.loads((require("embedded-16e") / "training_config.json").read_text())
     assert pooled["balance"] == "pooled" and (pooled["num_experts"], pooled["top_k"]) == (16, 2)
     default = json.loads((require("embedded") / "training_config.json").read_text())
     assert default.get("balance", "per_layer") == "per_layer"
@@ -132,20 +132,43 @@ def test_regeneration_commands_parse_and_name_each_shape():
             argv = shlex.split(REGENERATE[name])[3:]  # after "python -m moepaper.testbed.train"
             train.main(argv)
             cfg = seen["cfg"]
-            if name == "embedded-pooled":
+            if name == "embedded-16e":
                 assert (cfg.balance, cfg.num_experts, cfg.top_k, cfg.router_z_loss_coef) == ("pooled", 16, 2, 0.0)
-                assert Path(seen["out_dir"]) == Path("data/models/embedded-pooled")
+                assert Path(seen["out_dir"]) == Path("data/models/embedded-16e")
                 committed = json.loads((require(name) / "training_config.json").read_text())
                 differ = {k: (v, getattr(cfg, k)) for k, v in committed.items() if getattr(cfg, k) != v}
                 assert not differ, differ  # the command rebuilds the committed configuration
             else:
                 assert cfg.balance == "per_layer" and seen["out_dir"] is None  # default: data/models/embedded
+        default = json.loads((require("embedded") / "training_config.json").read_text())
+        for name in TO_TRAIN:  # the same-recipe models: the default's configuration but for one thing
+            train.main(shlex.split(REGENERATE[name])[3:])
+            cfg = seen["cfg"]
+            assert Path(seen["out_dir"]) == Path(f"data/models/{name}")
+            changed = {"embedded-pooled": {"balance": "pooled"}, "embedded-seed1": {"seed": 1}}[name]
+            # the default stopped at 1,792 steps on its 48-minute budget; these train exactly that many
+            stopping = {"budget_minutes": cfg.budget_minutes, "max_steps": 1792, "patience": cfg.patience}
+            assert cfg.max_steps == 1792 and cfg.budget_minutes >= 10_000 and cfg.patience >= 1_000  # no clock, no early stop
+            differ = {k: getattr(cfg, k) for k, v in default.items() if getattr(cfg, k) != v and k not in stopping}
+            assert differ == changed, (name, differ)
     finally:
         train.train = original
 
 
+def test_models_to_train_name_their_command(tmp_path):
+    from moepaper.pipeline.models import load_model
+
+    for name in TO_TRAIN:
+        if (embedded_model_dir(name) / "model.safetensors").exists():
+            continue  # trained: test_load_embedded_model_is_fast_and_trained covers it once listed
+        with pytest.raises(FileNotFoundError, match=rf"'{name}' is not trained yet.*moepaper\.testbed\.train .*--out-dir data/models/{name}"):
+            load_embedded_model(name)
+        with pytest.raises(FileNotFoundError, match="not trained yet"):
+            load_model(name)
+
+
 def test_unknown_embedded_model_is_named():
-    with pytest.raises(ValueError, match=r"unknown embedded model 'embedded-64'.*embedded, embedded-pooled"):
+    with pytest.raises(ValueError, match=r"unknown embedded model 'embedded-64'.*embedded, embedded-16e, embedded-pooled, embedded-seed1"):
         load_embedded_model("embedded-64")
     with pytest.raises(ValueError, match="unknown embedded model"):
         embedded_model_dir("nope")

@@ -1,4 +1,4 @@
-"""`python -m moepaper.testbed.tasks [--model embedded-pooled] [--limit N]`: the local suite on an embedded model, as a table."""
+"""`python -m moepaper.testbed.tasks [--model embedded-16e] [--limit N]`: the local suite on an embedded model, as a table."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="embedded", help="embedded model: embedded (default) or embedded-pooled")
+    parser.add_argument("--model", default="embedded", help="embedded model: embedded (default), embedded-pooled, embedded-seed1 or embedded-16e")
     parser.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
