@@ -272,3 +272,18 @@ def test_aimer_needs_the_model_and_checks_it():
         expert_scores(stats, "aimer", model=tiny_model("olmoe"))
     scores = expert_scores(stats, "aimer", model=model)
     assert scores.criterion is AIMER and scores.layers == stats.layers and tuple(scores.shape) == (len(stats.layers), 8)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_aimer_refuses_non_finite_weights_naming_layer_and_expert(value):
+    """A NaN weight would give its expert an AIMER keep-score of 0 (pruned first, silently): an error instead."""
+    model = tiny_model("qwen3_moe")
+    stats = collect_statistics(model, _batches(), progress=False)
+    layer = find_moe_layers(model)[1]
+    with torch.no_grad():
+        layer.experts.down_proj[5, 0, 3] = value
+    pattern = rf"non-finite weights in {layer.name}\.down_proj \(decoder layer {layer.layer_index}\), expert 5:"
+    with pytest.raises(ValueError, match=pattern):
+        aimer_scores(model)
+    with pytest.raises(ValueError, match=pattern):
+        expert_scores(stats, "aimer", model=model)
