@@ -242,7 +242,6 @@ def test_aimer_matches_numpy(family):
 
 def test_aimer_is_scale_free_and_prunes_the_highest_ratio():
     model = tiny_model("qwen3_moe")
-    stats = collect_statistics(model, _batches(), progress=False)
     before = aimer_scores(model)
     layer = find_moe_layers(model)[0]
     with torch.no_grad():
@@ -255,6 +254,7 @@ def test_aimer_is_scale_free_and_prunes_the_highest_ratio():
     with torch.no_grad():
         layer.experts.down_proj[2] *= 1e-3
         layer.experts.down_proj[2, 0, 0] = 1.0
+    stats = collect_statistics(model, _batches(), progress=False)  # statistics of these expert weights (issue 22)
     scores = expert_scores(stats, "aimer", model=model)
     assert scores[0].argmax() == 2
     keep = select_experts(scores, ratio=0.5)
