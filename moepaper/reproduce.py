@@ -246,9 +246,25 @@ def ensure_kernel() -> str:
     return KERNEL_NAME
 
 
+# Parameters naming files or folders a notebook reads (not writes): its done marker depends on their content.
+READS = {"04_tables_and_figures.ipynb": ("results_dir", "grid_results_dir", "statistics")}
+
+
 def _fingerprint(root: Path, notebook: str, parameters: dict) -> str:
+    """What a done marker records: the notebook's source, its parameters, the versions that change
+    numbers (moepaper, lm-eval, transformers, torch) and the content of what it reads (`READS`), so
+    an upgrade or changed results make it run again."""
+    from .provenance import file_sha256, versions
+
     source = (root / NOTEBOOKS / notebook).read_bytes()
-    blob = json.dumps(parameters, sort_keys=True, default=str).encode() + source
+    found = versions()
+    inputs = {}
+    for key in READS.get(notebook, ()):
+        value = parameters.get(key)
+        for path in (value.values() if isinstance(value, dict) else [value] if value else []):
+            inputs[str(path)] = file_sha256(root / path) if (root / path).exists() else None
+    made = {"versions": {k: found.get(k) for k in ("moepaper", "lm_eval", "transformers", "torch")}, "reads": inputs}
+    blob = json.dumps([parameters, made], sort_keys=True, default=str).encode() + source
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
