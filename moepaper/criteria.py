@@ -119,6 +119,10 @@ class WeightCriterion:
             )
         stats.check_model(model)  # StatisticsMismatchError naming the difference
         values = self.function(model)
+        if not bool(torch.isfinite(values).all()):
+            bad = [(stats.layers[int(l)], int(e)) for l, e in (~torch.isfinite(values)).nonzero()]
+            raise ValueError(f"criterion {self.name!r} gives non-finite scores to (decoder layer, expert) "
+                             f"{bad[:8]}{' ...' if len(bad) > 8 else ''}: are the model's weights finite?")
         width = stats.count.shape[1]
         if values.shape[1] < width:  # pad like the statistics (layers with fewer experts)
             values = torch.nn.functional.pad(values, (0, width - values.shape[1]))
@@ -288,7 +292,8 @@ def aimer_scores(model: torch.nn.Module) -> torch.Tensor:
     ``select_experts(scope="global")`` needs. The ratio is scale-free (scaling an expert's
     weights leaves it unchanged) and pools every element of the expert, so the weight layout
     (standard, transposed, gpt-oss's interleaved gate/up columns) does not matter. An expert
-    whose weights are all zero scores 0. Rows are padded with 0 to the widest layer.
+    whose weights are all zero scores 0. Rows are padded with 0 to the widest layer. Non-finite
+    weights (NaN, inf) are a ValueError naming the layer, the tensor and the experts.
     """
     from .architecture import find_moe_layers
 
@@ -304,6 +309,14 @@ def aimer_scores(model: torch.nn.Module) -> torch.Tensor:
             if not t.attr.endswith("_proj"):  # biases and anything else per expert
                 continue
             w = t.tensor.detach().reshape(E, -1)
+            finite = torch.isfinite(w).all(1).cpu()
+            if not bool(finite.all()):  # a NaN would score 0 (pruned first), an inf would score NaN
+                bad = [int(e) for e in (~finite).nonzero().flatten()]
+                raise ValueError(
+                    f"aimer: non-finite weights in {layer.name}.{t.attr} (decoder layer {layer.layer_index}), "
+                    f"expert{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:8]))}{', ...' if len(bad) > 8 else ''}: "
+                    "a weight-only criterion cannot score them; check the checkpoint"
+                )
             abs_sum += w.abs().sum(1, dtype=torch.float64).cpu()
             sq_sum += w.double().square().sum(1).cpu()
             numel += w.shape[1]

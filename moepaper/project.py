@@ -1,9 +1,11 @@
 """The project root: the moepaper checkout whose data/ a run reads and whose outputs it writes.
 
 A run writes under the checkout it is started from (the current directory or one of its
-parents), never into whichever checkout happens to be pip-installed; code run outside any
-checkout falls back to the checkout the package was installed from (an editable install).
-The papermill runner (`moepaper.reproduce`) decides every output path from here.
+parents), never into whichever checkout happens to be pip-installed; outside any checkout the
+project root is the working directory itself (``$MOEPAPER_ROOT`` or an explicit root where
+given), never the checkout the package was installed from: its outputs would land in another
+clone. The papermill runner (`moepaper.reproduce`) decides every output path from here, and
+refuses a root that is not a checkout (it needs the notebooks).
 """
 
 from __future__ import annotations
@@ -27,21 +29,16 @@ def is_checkout(folder: Path) -> bool:
 
 
 def project_root(start: str | Path | None = None) -> Path:
-    """``$MOEPAPER_ROOT`` when set, else the checkout holding `start` (default: the current
-    directory), else the checkout this package lives in; FileNotFoundError when none is found."""
+    """``$MOEPAPER_ROOT`` when set (and `start` is None), else the checkout holding `start`
+    (default: the current directory), else `start` (the current directory) itself; never the
+    checkout this package happens to be installed from. `is_checkout` tells whether it is one."""
     if start is None and os.environ.get("MOEPAPER_ROOT"):
         return Path(os.environ["MOEPAPER_ROOT"]).resolve()
     here = Path(start or os.getcwd()).resolve()
     for folder in (here, *here.parents):
         if is_checkout(folder):
             return folder
-    installed = Path(__file__).resolve().parent.parent
-    if is_checkout(installed):
-        return installed
-    raise FileNotFoundError(
-        f"no moepaper checkout at or above {here} (a folder with pyproject.toml and notebooks/); "
-        "run from a clone of the repository or set MOEPAPER_ROOT"
-    )
+    return here
 
 
 def project_path(path: str | Path, root: str | Path | None = None) -> Path:

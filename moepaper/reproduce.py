@@ -49,7 +49,8 @@ paper route runs for every model. Outputs in runs/paper-rehearsal/.
 sandbox or on a machine you trust with the code the model writes.
 
 Every path is under the project root: the checkout the command runs in (or
-``--root``), never the checkout moepaper happens to be installed from. This module is the
+``--root``), never the checkout moepaper happens to be installed from; run outside any checkout
+without ``--root`` (or ``$MOEPAPER_ROOT``), it stops with an error saying so. This module is the
 only one that decides where outputs go; notebooks receive paths relative to that root and
 run with it as their working directory.
 """
@@ -72,7 +73,7 @@ from .pipeline.calibration import calibration_name, disjoint_draws, parse_draw
 from .pipeline.paper_models import PAPER_MODELS, REHEARSAL_PREFIX
 from .pipeline.results import ALL_DOMAIN, TASK_AGNOSTIC, TASK_SPECIFIC, slug
 from .progress import PROGRESS_ENV
-from .project import DATA, FIGURES, NOTEBOOKS, RUNS, project_root
+from .project import DATA, FIGURES, NOTEBOOKS, RUNS, is_checkout, project_root
 
 KERNEL_NAME = "moepaper"  # the kernel every notebook names; installed inside the virtual environment
 HTML_DIR = "docs/notebooks"  # rendered copies of the embedded configuration's executed notebooks
@@ -282,9 +283,25 @@ def ensure_kernel() -> str:
     return KERNEL_NAME
 
 
+# Parameters naming files or folders a notebook reads (not writes): its done marker depends on their content.
+READS = {"04_tables_and_figures.ipynb": ("results_dir", "grid_results_dir", "statistics")}
+
+
 def _fingerprint(root: Path, notebook: str, parameters: dict) -> str:
+    """What a done marker records: the notebook's source, its parameters, the versions that change
+    numbers (moepaper, lm-eval, transformers, torch) and the content of what it reads (`READS`), so
+    an upgrade or changed results make it run again."""
+    from .provenance import file_sha256, versions
+
     source = (root / NOTEBOOKS / notebook).read_bytes()
-    blob = json.dumps(parameters, sort_keys=True, default=str).encode() + source
+    found = versions()
+    inputs = {}
+    for key in READS.get(notebook, ()):
+        value = parameters.get(key)
+        for path in (value.values() if isinstance(value, dict) else [value] if value else []):
+            inputs[str(path)] = file_sha256(root / path) if (root / path).exists() else None
+    made = {"versions": {k: found.get(k) for k in ("moepaper", "lm_eval", "transformers", "torch")}, "reads": inputs}
+    blob = json.dumps([parameters, made], sort_keys=True, default=str).encode() + source
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -511,6 +528,11 @@ def plan(config: RunConfig, root: Path, *, allow_code_execution: bool = False) -
     return steps
 
 
+def _names(name: str, notebook: str) -> bool:
+    """Whether `name` (of ``--only``) names `notebook`: its file name, without .ipynb, or its number."""
+    return name in (notebook, notebook.removesuffix(".ipynb"), notebook.split("_")[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", nargs="+", default=list(DEFAULT_CONFIGS), choices=sorted(CONFIGS),
@@ -520,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
                              "outputs in runs/paper-rehearsal/")
     parser.add_argument("--allow-code-execution", action="store_true",
                         help="run HumanEval(+) / MBPP(+), which execute model-written code (else recorded as 'not run')")
-    parser.add_argument("--only", nargs="*", help="run only these notebooks (e.g. 04_tables_and_figures.ipynb)")
+    parser.add_argument("--only", nargs="+", help="run only these notebooks: file names, names without .ipynb "
+                                                  "or numbers (04_tables_and_figures.ipynb, 04_tables_and_figures, 04)")
     parser.add_argument("--force", action="store_true", help="re-execute notebooks already done (results on disk are still reused)")
     parser.add_argument("--list", action="store_true", help="print the steps and exit")
     parser.add_argument("--root", type=Path, default=None,
@@ -532,10 +555,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--rehearsal rehearses the paper route: use it with --config paper")
         configs = [rehearsal(configs[0])]
     root = project_root(args.root)
-    for config in configs:
-        steps = plan(config, root, allow_code_execution=args.allow_code_execution)
+    if not is_checkout(root):
+        parser.error(f"{root} is not a moepaper checkout (a pyproject.toml naming moepaper beside notebooks/): "
+                     "run from a clone of the repository or pass --root <clone>")
+    plans = [(config, plan(config, root, allow_code_execution=args.allow_code_execution)) for config in configs]
+    if args.only:
+        notebooks = sorted({notebook for _, steps in plans for notebook, _, _ in steps})
+        unknown = [name for name in args.only if not any(_names(name, notebook) for notebook in notebooks)]
+        if unknown:
+            parser.error(f"--only {' '.join(unknown)}: no notebook of configuration {', '.join(c.name for c in configs)} "
+                         f"by that name; valid: {', '.join(notebooks)} (or without .ipynb, or their number)")
+    for config, steps in plans:
         if args.only:
-            steps = [s for s in steps if s[0] in args.only or s[0].split("_")[0] in args.only]
+            steps = [s for s in steps if any(_names(name, s[0]) for name in args.only)]
         if args.list:
             for notebook, output, parameters in steps:
                 print(notebook, output.relative_to(root), json.dumps(parameters))

@@ -52,14 +52,33 @@ class StatisticsFileError(ValueError):
 # Config entries that say how a model was loaded or run, not what it is.
 _RUNTIME_CONFIG_KEYS = {"dtype", "torch_dtype", "transformers_version", "use_cache", "output_router_logits",
                         "output_attentions", "output_hidden_states", "return_dict", "architectures"}
-IDENTITY_KEYS = ("model_class", "config_sha256", "router_sha256")
+IDENTITY_KEYS = ("model_class", "config_sha256", "router_sha256", "experts_sha256")
+EXPERT_SAMPLES = 16  # values sampled per expert and tensor for the experts fingerprint
+
+
+def experts_fingerprint(model: nn.Module, samples: int = EXPERT_SAMPLES) -> str | None:
+    """sha256 of `samples` values of every expert of every per-expert tensor (evenly spaced through
+    the expert's elements, first and last included), rounded to bfloat16 as the router fingerprint:
+    cheap at any size (no full pass over the weights), the same for a bf16 and an fp32 load, and
+    different for other expert weights. None when an expert tensor is not materialised (meta device)."""
+    sampled = {}
+    for layer in find_moe_layers(model):
+        for t in layer.expert_tensors:
+            tensor = t.tensor
+            if tensor.device.type == "meta":
+                return None
+            flat = tensor.detach().movedim(t.dim, 0).reshape(tensor.shape[t.dim], -1)
+            index = torch.linspace(0, flat.shape[1] - 1, min(samples, flat.shape[1])).round().long()
+            sampled[t.path] = flat[:, index.to(flat.device)].to(torch.bfloat16)
+    return tensors_sha256(sampled)
 
 
 def model_identity(model: nn.Module) -> dict:
     """What identifies a model for its statistics: class, a hash of its config (without entries
-    that only say how it was loaded: dtype, paths, caching) and a sha256 of its routers' weights
-    rounded to bfloat16, so a bf16 and an fp32 load of one checkpoint agree. The router
-    fingerprint is None when a router weight is not materialised (meta device)."""
+    that only say how it was loaded: dtype, paths, caching), a sha256 of its routers' weights
+    rounded to bfloat16, so a bf16 and an fp32 load of one checkpoint agree, and
+    `experts_fingerprint` (sampled expert weights, rounded the same way). A fingerprint is None
+    when a weight is not materialised (meta device)."""
     import hashlib
 
     aliases = set(getattr(model.config, "attribute_map", {}))  # e.g. Qwen3-MoE's num_experts, written beside its target by save_pruned
@@ -69,7 +88,8 @@ def model_identity(model: nn.Module) -> dict:
     routers = {t.path: t.tensor for layer in find_moe_layers(model) for t in layer.router_tensors}
     materialised = all(t.device.type != "meta" for t in routers.values())
     router_sha = tensors_sha256({k: t.detach().to(torch.bfloat16) for k, t in routers.items()}) if materialised else None
-    return {"model_class": type(model).__name__, "config_sha256": config_sha, "router_sha256": router_sha}
+    return {"model_class": type(model).__name__, "config_sha256": config_sha, "router_sha256": router_sha,
+            "experts_sha256": experts_fingerprint(model)}
 
 
 @dataclass
@@ -150,9 +170,10 @@ class ExpertStatistics:
     # --- checks -------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
         """Raise StatisticsMismatchError unless these statistics fit `model`'s MoE layers and
-        were collected on this model: class, config hash and router fingerprint
+        were collected on this model: class, config hash, router and experts fingerprints
         (`model_identity`) must match where the statistics record them (files written before
-        moepaper recorded them carry none, and only layers and expert counts are checked)."""
+        moepaper recorded them carry none, and only layers and expert counts are checked; files
+        written before the experts fingerprint are checked on the others)."""
         moe = find_moe_layers(model)
         layers = [l.layer_index for l in moe]
         experts = [l.num_experts for l in moe]

@@ -27,6 +27,14 @@ rounding (the matrix shapes differ, so the last bits of a sum can), measured by
 Used for in-memory causal models with the ``sdpa`` or ``eager`` attention of transformers and a
 ``logits_to_keep`` argument; anything else (a seq2seq model, another attention kernel, an automatic
 batch size, a request longer than the model's window) goes through stock HFLM unchanged.
+
+Sliding-window (or chunked) attention layers: transformers uses a 4-D mask as given, so the tree
+mask would let such a layer see the whole row. A call is packed only when no request is longer
+than the model's attention window (`attention_window`), where the window hides nothing and the
+stock mask is the causal one; otherwise the whole call goes through stock HFLM.
+
+Padding: packed rows are padded with token id 0, as stock lm-eval pads, never with the tokenizer's
+pad id (which may lie beyond the embedding); padding is never attended to by a scored position.
 """
 
 from __future__ import annotations
@@ -47,6 +55,25 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 # expert (top-k rows), and past about a thousand tokens those copies leave the cache. On the 2-core
 # machine the full local suite took 28.3 / 24.5 / 27.8 s at 512 / 1024 / 2048 (embedded model, 2 threads).
 CPU_TOKEN_BUDGET = 1024
+
+
+def attention_window(config) -> int | None:
+    """The shortest attention window of any layer of a model with `config`: ``sliding_window`` (or
+    ``attention_chunk_size``) when a layer uses it, None when every layer attends to the whole context.
+
+    Layers are read from ``layer_types`` where the config has it (gpt-oss, Qwen2-MoE: a window only
+    when some layer type is a sliding or chunked one); without it, a set ``sliding_window`` is taken to
+    apply to every layer (Mixtral, Phi-MoE, Qwen3-MoE). A config of several sub-configs (``text_config``)
+    is read through it."""
+    config = getattr(config, "text_config", None) or config
+    windows = [getattr(config, key, None) for key in ("sliding_window", "attention_chunk_size")]
+    windows = [int(w) for w in windows if w is not None and not isinstance(w, bool)]
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and not any(("sliding" in str(t) or "chunk" in str(t)) for t in layer_types):
+        return None
+    if layer_types is not None and not windows:
+        return 0  # a windowed layer of unknown window: never packed
+    return min(windows) if windows else None
 
 
 class _Tree:
@@ -108,7 +135,10 @@ class PackedHFLM(HFLM):
             return False
         if "logits_to_keep" not in inspect.signature(model.forward).parameters:
             return False
-        return all(0 < len(c) and 0 < len(t) and len(c) + len(t) <= self.max_length + 1 for _, c, t in requests)
+        # a request's row is len(c) + len(t) - 1 tokens; within a window that long, the window hides nothing
+        window = attention_window(model.config)
+        limit = self.max_length if window is None else min(self.max_length, window)
+        return all(0 < len(c) and 0 < len(t) and len(c) + len(t) - 1 <= limit for _, c, t in requests)
 
     # ------------------------------------------------------------------ lm-eval's entry points
 
@@ -195,7 +225,7 @@ class PackedHFLM(HFLM):
         """(request index, (loglikelihood, is greedy)) for every request of the trees in `batch`."""
         length = len(batch[0])
         keep_count = max(sum(len(scored) for _, scored, _ in tree.requests) for tree in batch)
-        ids = torch.full((len(batch), length), self._pad_id(), dtype=torch.long)
+        ids = torch.zeros((len(batch), length), dtype=torch.long)  # padding: id 0, as stock lm-eval pads
         positions = torch.zeros((len(batch), length), dtype=torch.long)
         keep = torch.zeros((len(batch), keep_count), dtype=torch.long)  # scored row positions (padded with 0)
         slots = []  # per request: (batch row, first slot in `keep`, targets)
@@ -227,9 +257,5 @@ class PackedHFLM(HFLM):
             end = slot + len(tokens)  # HFLM sums the same values in the same order
             yield index, (float(chosen[row, slot:end].sum()), bool(hits[row, slot:end].all()))
 
-    def _pad_id(self) -> int:
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        return int(pad if pad is not None else getattr(self.tokenizer, "eos_token_id", 0) or 0)
 
-
-__all__ = ["CPU_TOKEN_BUDGET", "PackedHFLM", "SUPPORTED_ATTENTION"]
+__all__ = ["CPU_TOKEN_BUDGET", "PackedHFLM", "SUPPORTED_ATTENTION", "attention_window"]

@@ -27,7 +27,10 @@ refused (`ResultsLockedError`) while the first runs.
 criterion at every ratio on one loaded model through `mask_experts` (no weights copied),
 plus the unpruned model, and skips every (entry, benchmark) whose file already holds an
 "ok" result of the same evaluation settings and statistics: rerunning an interrupted
-sweep resumes where it stopped.
+sweep resumes where it stopped. A record is reused (skipped, or copied for the same kept
+experts) only when its provenance names the versions of moepaper, lm-eval, transformers and
+torch installed now (`VERSION_KEYS`; torch's local build label, ``+cpu`` or ``+cu128``, aside):
+results of another version, or without versions, are re-evaluated, never mixed with today's.
 """
 
 from __future__ import annotations
@@ -165,8 +168,32 @@ def _settings_fingerprint(suite: evaluation.Suite, limit, seed: int, backend: st
     }
 
 
-def _is_done(record: dict | None, settings: dict, stats_hash: str | None, replacement: str | None = None) -> bool:
+VERSION_KEYS = ("moepaper", "lm_eval", "transformers", "torch")  # the versions that change numbers
+
+
+def _release(version) -> str | None:
+    """A version without its local build label (torch's ``2.13.0+cpu`` -> ``2.13.0``): the same release."""
+    return None if version is None else str(version).split("+", 1)[0]
+
+
+def record_versions(record: dict | None) -> dict:
+    """The versions a result record was made with (`VERSION_KEYS`, None where it names none)."""
+    provenance = (record or {}).get("provenance") or {}
+    return {key: provenance.get(key) for key in VERSION_KEYS}
+
+
+def same_versions(recorded: dict, current: dict | None = None) -> bool:
+    """Whether a record's versions are those installed now (`current`: default `_versions()`): every
+    one recorded (a record without versions is of unknown make) and equal, torch's build label aside."""
+    current = _versions() if current is None else current
+    return all(recorded.get(k) is not None and _release(recorded.get(k)) == _release(current.get(k)) for k in VERSION_KEYS)
+
+
+def _is_done(record: dict | None, settings: dict, stats_hash: str | None, replacement: str | None = None,
+             versions: dict | None = None) -> bool:
     if record is None or record.get("status") != evaluation.OK:
+        return False
+    if not same_versions(record_versions(record), versions):  # made by another moepaper / lm-eval / ...: redo
         return False
     if replacement == NOVICE and record.get("replacement") != NOVICE:  # e.g. a masked "mone" of before novices
         return False
@@ -305,8 +332,9 @@ def sweep(
         ``base_checkpoint``, ``tensor_parallel_size``, ``gpu_memory_utilization``, ... ;
         `checkpoints.plan_checkpoints` lists the checkpoints and lm-eval arguments beforehand.
 
-    An (entry, benchmark) whose file holds an "ok" result with the same evaluation settings
-    and statistics checksum is skipped. Evaluation settings other than those the model's
+    An (entry, benchmark) whose file holds an "ok" result with the same evaluation settings,
+    statistics checksum and versions (moepaper, lm-eval, transformers, torch) is skipped; one of
+    another version is re-evaluated and its file replaced. Evaluation settings other than those the model's
     results folder was made with are refused before any work (`ResultsSettingsError`), as
     is a second sweep writing the same folder at the same time (`ResultsLockedError`).
     Returns the paths of every result file of the sweep (written or already there).
@@ -358,7 +386,8 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
             "which a stock pruned checkpoint cannot express: evaluate them with backend='hf', or leave them out of "
             "the vllm sweep (criteria=[c for c in resolve_criteria('named') if c.replacement != 'novice'])"
         )
-    evaluated = _evaluated_index(Path(out_dir) / slug(model_name), settings) if reuse_identical else {}
+    current = _versions()
+    evaluated = _evaluated_index(Path(out_dir) / slug(model_name), settings, current) if reuse_identical else {}
     all_paths: list[Path] = []
     counts = {"evaluated": 0, "reused": 0, "skipped": 0}
     bar = tqdm(entries, desc=f"sweep {model_name} / {calibration}", unit="entry", disable=not progress)
@@ -372,7 +401,7 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
         all_paths += paths.values()
         entry_hash = None if entry.unpruned else stats_hash
         replacement = None if entry.unpruned else entry.criterion.replacement
-        todo = [name for name, p in paths.items() if not _is_done(read_result(p), settings, entry_hash, replacement)]
+        todo = [name for name, p in paths.items() if not _is_done(read_result(p), settings, entry_hash, replacement, current)]
         if not todo:
             counts["skipped"] += 1
             continue
@@ -420,7 +449,7 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
                 "kept": None if keep is None else [k.tolist() for k in keep],
                 "evaluation": settings,
                 "provenance": {
-                    **_versions(),
+                    **current,
                     "seed": seed,
                     "statistics_hash": entry_hash,
                     "statistics": None if entry.unpruned else _statistics_summary(stats, statistics_path),
@@ -458,14 +487,17 @@ def _relative(path: Path, root) -> str:
         return str(path)
 
 
-def _evaluated_index(model_dir: Path, settings: dict) -> dict:
-    """(kept experts, benchmark) -> an "ok" record under `model_dir` with the same evaluation settings."""
+def _evaluated_index(model_dir: Path, settings: dict, versions: dict | None = None) -> dict:
+    """(kept experts, benchmark) -> an "ok" record under `model_dir` with the same evaluation settings
+    and versions (`same_versions`)."""
     index = {}
     if not model_dir.exists():
         return index
     for path in sorted(model_dir.rglob("*.json")):
         record = read_result(path)
         if not record or record.get("status") != evaluation.OK or record.get("evaluation") != settings:
+            continue
+        if not same_versions(record_versions(record), versions):
             continue
         kept = record.get("kept")
         replacement = record.get("replacement") or REROUTE  # records without the field were re-routed

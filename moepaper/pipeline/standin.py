@@ -37,12 +37,14 @@ The data lie in ``standin_data/`` next to this file: ``<lm-eval task>/<split>.js
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().with_name("standin_data")
@@ -129,25 +131,89 @@ def task_yamls() -> dict[str, str]:
     return files
 
 
+MANIFEST = "moepaper-standin.json"  # in a complete stand-in task folder: sha256 of every file it holds
+
+
+def _manifest(files: dict[str, str]) -> dict[str, str]:
+    return {name: hashlib.sha256(text.encode()).hexdigest() for name, text in sorted(files.items())}
+
+
+def _is_complete(path: Path, files: dict[str, str]) -> bool:
+    """`path` holds exactly `files` (and their manifest): every file present, with its text, and no other."""
+    try:
+        if json.loads((path / MANIFEST).read_text()) != _manifest(files):
+            return False
+        present = {p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()}
+        return present == set(files) | {MANIFEST} and all((path / n).read_text() == t for n, t in files.items())
+    except (OSError, ValueError):
+        return False
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse (FileExistsError naming it) to put the folder where a file, a link or a folder of other files is."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        kind = "a symbolic link" if path.is_symlink() else "a file"
+        raise FileExistsError(f"stand-in task folder {path}: {kind} is in the way (the folder is written there); "
+                              "remove it or pass another path")
+    if path.is_dir():
+        others = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                        if not p.is_dir() and not (p.suffix == ".yaml" or p.name == MANIFEST))
+        if others:
+            raise FileExistsError(f"stand-in task folder {path} holds files that are not stand-in task YAMLs "
+                                  f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); not replaced: "
+                                  "remove them or pass another path")
+
+
 def standin_task_dir(path: str | Path | None = None) -> Path:
     """Write the stand-in task YAMLs and return their folder.
 
     path: where to write them; None: a folder under the system temp dir named by a hash of
     the YAMLs (which hold absolute paths of this machine's lm-eval and stand-in data).
-    The folder holds only these YAMLs; an existing one is rewritten.
+    The folder holds only these YAMLs and a manifest of their hashes (``moepaper-standin.json``).
+    A folder already holding exactly them is used as it is; otherwise the folder is written
+    whole in a uniquely named folder beside it and renamed into place, so a reader (another
+    process indexing the tasks) never sees a partial folder, and concurrent calls agree on
+    one. An incomplete or outdated folder of stand-in YAMLs is replaced; a file, a symbolic
+    link or a folder of other files at `path` is refused (FileExistsError naming it).
     """
+    from ..project import _umask
+
     files = task_yamls()
     if path is None:
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
         path = Path(tempfile.gettempdir()) / f"moepaper-standin-tasks-{digest}"
     path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
-    for name, text in files.items():
-        target = path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-    return path
+    _check_replaceable(path)
+    if _is_complete(path, files):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        for name, text in files.items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        (staging / MANIFEST).write_text(json.dumps(_manifest(files), indent=1) + "\n")
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0o700 is not what mkdir gives
+        for _ in range(5):
+            try:
+                os.rename(staging, path)  # atomic; replaces an empty folder, fails on a non-empty one
+                return path
+            except OSError as error:
+                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+            if _is_complete(path, files):  # another process put the same folder in place
+                return path
+            _check_replaceable(path)
+            stale = path.with_name(f".{path.name}.stale.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+            try:  # an incomplete or outdated folder: move it aside (readers see it whole or not at all), then retry
+                os.rename(path, stale)
+            except FileNotFoundError:
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
+        raise RuntimeError(f"stand-in task folder {path}: other processes kept replacing it; try again")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def standin_task_manager(path: str | Path | None = None):

@@ -27,7 +27,7 @@ import pandas as pd
 from ..criteria import AIMER, MONE, MONE_RANKING, NAMED_CRITERIA, criterion_grid
 from .calibration import parse_calibration_name
 from .evaluation import get_suite
-from .results import SETTINGS_FILE, UNPRUNED, slug
+from .results import SETTINGS_FILE, UNPRUNED, VERSION_KEYS, _release, record_versions, slug
 
 NEW_CRITERIA = ("man", "msan")
 # The paper's comparison: its named criteria and the baselines MoNE (as published, with novices),
@@ -72,7 +72,13 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
     A file under `out_dir` that is not a result record (unreadable, not JSON, or JSON without
     ``benchmark`` and ``criterion``) is skipped with a warning naming it; the folders'
     ``evaluation_settings.json`` records are not results and are skipped silently.
+
+    The records of one model must name the same versions of moepaper, lm-eval, transformers
+    and torch (`moepaper.pipeline.results.record_versions`; torch's build label aside): a model
+    whose results were made partly by other versions (a sweep interrupted after an upgrade) is a
+    ValueError naming both makes, never a silently mixed table; its sweeps re-evaluate the others.
     """
+    makes: dict[str, dict[tuple, Path]] = {}  # model -> versions -> a file made with them
     rows = []
     for path in sorted(Path(out_dir).rglob("*.json")):
         if path.name == SETTINGS_FILE:
@@ -86,6 +92,8 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
             warnings.warn(f"load_results: skipped {path}: not a result record (no benchmark and criterion)", stacklevel=2)
             continue
         evaluation = record.get("evaluation") or {}
+        make = tuple(_release(v) for v in record_versions(record).values())
+        makes.setdefault(str(record.get("model")), {}).setdefault(make, path)
         rows.append(
             {
                 **{k: record.get(k) for k in (
@@ -99,6 +107,12 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
                 "path": str(path),
             }
         )
+    for model, found in makes.items():
+        if len(found) > 1:
+            named = "; ".join(f"{dict(zip(VERSION_KEYS, make))} ({path})" for make, path in found.items())
+            raise ValueError(f"load_results: the results of model {model!r} under {out_dir} were made with different "
+                             f"versions: {named}; rerun its sweeps (they re-evaluate results of other versions) "
+                             "before tabulating them together")
     columns = ["model", "calibration", "setting", "criterion", "b", "alpha", "beta", "ratio", "benchmark", "label",
                "task", "metric", "value", "score", "stderr", "higher_is_better", "n", "status", "note", "suite",
                "domain", "limit", "date", "pruned", "path"]

@@ -149,9 +149,10 @@ def tiny_config(family: str, *, num_experts: int = 8, top_k: int = 2, **override
 def tiny_model(family: str, *, num_experts: int = 8, top_k: int = 2, seed: int = 0, dtype=torch.float32, **overrides):
     """A tiny random-initialised causal LM of `family`, in eval mode.
 
-    Router weights and DeepSeek-V3 / GLM bias-correction buffers are given random
-    values (the families initialise some of them to zero, which would make routing
-    degenerate and hide bugs).
+    Router weights, router and expert biases and DeepSeek-V3 / GLM bias-correction buffers are
+    given random values (the families initialise some of them to zero, which would make routing
+    degenerate and hide bugs); attention biases keep the family's initialisation. Tokens of
+    `random_batch` reach at least half of every layer's experts (tests/testbed check it).
     """
     config = tiny_config(family, num_experts=num_experts, top_k=top_k, **overrides)
     model_class = getattr(transformers, FAMILIES[family][1])
@@ -160,8 +161,10 @@ def tiny_model(family: str, *, num_experts: int = 8, top_k: int = 2, seed: int =
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            # init routers, expert biases and the ERNIE statics, which start at zero
-            if name.endswith(("gate.weight", "router.weight")) or "bias" in name:
+            # init routers, expert biases and the ERNIE statics, which start at zero; attention
+            # biases keep their init: random ones add one large vector to every token's state,
+            # so every token went to the same few experts (gpt-oss: 2 of 8 per layer)
+            if name.endswith(("gate.weight", "router.weight")) or ("bias" in name and ".self_attn." not in name):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):

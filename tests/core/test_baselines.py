@@ -242,7 +242,6 @@ def test_aimer_matches_numpy(family):
 
 def test_aimer_is_scale_free_and_prunes_the_highest_ratio():
     model = tiny_model("qwen3_moe")
-    stats = collect_statistics(model, _batches(), progress=False)
     before = aimer_scores(model)
     layer = find_moe_layers(model)[0]
     with torch.no_grad():
@@ -255,6 +254,7 @@ def test_aimer_is_scale_free_and_prunes_the_highest_ratio():
     with torch.no_grad():
         layer.experts.down_proj[2] *= 1e-3
         layer.experts.down_proj[2, 0, 0] = 1.0
+    stats = collect_statistics(model, _batches(), progress=False)  # statistics of these expert weights (issue 22)
     scores = expert_scores(stats, "aimer", model=model)
     assert scores[0].argmax() == 2
     keep = select_experts(scores, ratio=0.5)
@@ -272,3 +272,18 @@ def test_aimer_needs_the_model_and_checks_it():
         expert_scores(stats, "aimer", model=tiny_model("olmoe"))
     scores = expert_scores(stats, "aimer", model=model)
     assert scores.criterion is AIMER and scores.layers == stats.layers and tuple(scores.shape) == (len(stats.layers), 8)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_aimer_refuses_non_finite_weights_naming_layer_and_expert(value):
+    """A NaN weight would give its expert an AIMER keep-score of 0 (pruned first, silently): an error instead."""
+    model = tiny_model("qwen3_moe")
+    stats = collect_statistics(model, _batches(), progress=False)
+    layer = find_moe_layers(model)[1]
+    with torch.no_grad():
+        layer.experts.down_proj[5, 0, 3] = value
+    pattern = rf"non-finite weights in {layer.name}\.down_proj \(decoder layer {layer.layer_index}\), expert 5:"
+    with pytest.raises(ValueError, match=pattern):
+        aimer_scores(model)
+    with pytest.raises(ValueError, match=pattern):
+        expert_scores(stats, "aimer", model=model)

@@ -270,7 +270,7 @@ def test_statistics_of_another_model_of_the_same_shape_are_refused_naming_both()
 
     model = tiny_model("qwen3_moe")
     stats = _collect(model)
-    assert {k: stats.metadata[k] for k in ("model_class", "config_sha256", "router_sha256")} == model_identity(model)
+    assert {k: stats.metadata[k] for k in ("model_class", "config_sha256", "router_sha256", "experts_sha256")} == model_identity(model)
     stats.check_model(model)
     stats.check_model(tiny_model("qwen3_moe", dtype=torch.bfloat16))  # the same weights loaded in bf16: the same model
     other_weights = tiny_model("qwen3_moe", seed=1)  # same family, same shape, other routers
@@ -290,6 +290,40 @@ def test_statistics_of_another_model_of_the_same_shape_are_refused_naming_both()
     del olmoe
 
 
+def test_statistics_of_a_model_with_other_expert_weights_are_refused_naming_both():
+    """Issue 22: same routers and config, expert weights x3: refused for criteria and novices; the same
+    weights loaded in bf16 are the same model; a file written before the experts fingerprint is checked
+    on the rest of its identity."""
+    from moepaper.architecture import find_moe_layers
+    from moepaper.criteria import expert_scores
+    from moepaper.pruning import replace_with_novices, select_experts
+    from moepaper.statistics import model_identity
+
+    model = tiny_model("qwen3_moe")
+    stats = _collect(model)
+    other = tiny_model("qwen3_moe")
+    with torch.no_grad():
+        for layer in find_moe_layers(other):
+            layer.experts.gate_up_proj.mul_(3)
+            layer.experts.down_proj.mul_(3)
+    both = r"experts_sha256: statistics '[0-9a-f]{64}', model '[0-9a-f]{64}'"
+    with pytest.raises(StatisticsMismatchError, match=both):
+        stats.check_model(other)
+    assert stats.metadata["experts_sha256"] == model_identity(model)["experts_sha256"]
+    same = {k: v for k, v in model_identity(other).items() if k != "experts_sha256"}
+    assert same == {k: stats.metadata[k] for k in same}  # the rest of the identity cannot tell them apart
+    with pytest.raises(StatisticsMismatchError, match=both):
+        expert_scores(stats, "aimer", model=other)
+    keep = select_experts(expert_scores(stats, "man"), ratio=0.25, model=other)
+    with pytest.raises(StatisticsMismatchError, match=both):
+        with replace_with_novices(other, keep, stats):
+            pass
+    stats.check_model(tiny_model("qwen3_moe", dtype=torch.bfloat16))
+    older = ExpertStatistics(stats.layers, stats.num_experts, stats.top_k, stats.moments, stats.output_sum, stats.tokens,
+                             {k: v for k, v in stats.metadata.items() if k != "experts_sha256"})
+    older.check_model(other)
+
+
 def test_statistics_file_without_identity_or_checksum_still_loads(tmp_path):
     import json
 
@@ -297,7 +331,7 @@ def test_statistics_file_without_identity_or_checksum_still_loads(tmp_path):
 
     model = tiny_model("qwen3_moe")
     stats = _collect(model)
-    meta = {k: v for k, v in stats.metadata.items() if k not in ("config_sha256", "router_sha256")}
+    meta = {k: v for k, v in stats.metadata.items() if k not in ("config_sha256", "router_sha256", "experts_sha256")}
     meta.update(layers=stats.layers, num_experts=stats.num_experts, top_k=stats.top_k)
     path = tmp_path / "old.safetensors"  # as moepaper wrote them before issue 11
     save_file({"moments": stats.moments, "output_sum": stats.output_sum, "tokens": stats.tokens}, str(path),

@@ -219,3 +219,49 @@ def test_html_copies_only_of_notebooks_without_timings():
     assert all(reproduce.wants_html(Path(f"runs/embedded/{name}")) for name in
                ("00_formulation.ipynb", "00_formulation_solutions.ipynb", "03_damage_check.ipynb", "04__embedded.ipynb"))
     assert reproduce.CONFIGS["embedded-16e"].html_dir is None  # one set of pages: the default model's
+
+
+def test_done_markers_follow_the_versions_and_what_04_read(tmp_path, monkeypatch):
+    """Issue 22: a step is done only for the same versions (moepaper, lm-eval, transformers, torch); notebook
+    04 is done only for the same results and statistics it read; 02 does not depend on the results it writes."""
+    import papermill
+
+    from moepaper import provenance
+
+    root = tmp_path / "clone"
+    (root / "notebooks").mkdir(parents=True)
+    for name in ("04_tables_and_figures.ipynb", "02_prune_and_evaluate.ipynb"):
+        (root / "notebooks" / name).write_text("{}")
+    record = root / "results" / "m" / "r.json"
+    record.parent.mkdir(parents=True)
+    record.write_text('{"value": 0.5}')
+    (root / "stats.safetensors").write_bytes(b"x")
+    runs = []
+
+    def execute(path, output, **kwargs):
+        runs.append(Path(path).name)
+        Path(output).write_text("{}")
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    monkeypatch.setattr(reproduce, "ensure_kernel", lambda: "moepaper")
+    tables = dict(results_dir="results", statistics={"a": "stats.safetensors"}, model_name="m")
+    sweep = dict(results_dir="results", statistics="stats.safetensors")
+
+    def done(notebook, parameters):
+        return not reproduce.run_notebook(notebook, root / "runs" / notebook, parameters, root=root)
+
+    assert not done("04_tables_and_figures.ipynb", tables) and not done("02_prune_and_evaluate.ipynb", sweep)
+    assert done("04_tables_and_figures.ipynb", tables) and done("02_prune_and_evaluate.ipynb", sweep)
+    record.write_text('{"value": 0.75}')  # results changed since 04 read them
+    assert not done("04_tables_and_figures.ipynb", tables) and done("02_prune_and_evaluate.ipynb", sweep)
+    (root / "stats.safetensors").write_bytes(b"y")
+    assert not done("04_tables_and_figures.ipynb", tables) and done("04_tables_and_figures.ipynb", tables)
+    today = provenance.versions()
+    for key in ("moepaper", "lm_eval", "transformers", "torch"):
+        monkeypatch.setattr(provenance, "versions", lambda key=key: {**today, key: "0.0.1"})
+        assert not done("02_prune_and_evaluate.ipynb", sweep), key
+        assert not done("04_tables_and_figures.ipynb", tables), key
+        monkeypatch.setattr(provenance, "versions", lambda: today)
+        assert not done("02_prune_and_evaluate.ipynb", sweep) and done("02_prune_and_evaluate.ipynb", sweep)
+        assert not done("04_tables_and_figures.ipynb", tables)
+    assert runs.count("04_tables_and_figures.ipynb") == 3 + 2 * 4

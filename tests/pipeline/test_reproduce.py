@@ -120,3 +120,44 @@ def test_a_sweep_over_an_uncollected_draw_is_refused():
                              sweeps=[reproduce.Sweep("x", seeds=(1,))])
     with pytest.raises(ValueError, match=r"seeds \[1\]"):
         reproduce.plan(reproduce.RunConfig("t", [bad], "s", "r", "f"), REPO)
+
+
+# ---------------------------------------------------------------- names and roots (issue 22)
+
+
+@pytest.mark.parametrize("argv, valid", [
+    (["--only", "04_tables", "--list"], "04_tables_and_figures.ipynb"),  # a typo
+    (["--only", "04", "05_nothing.ipynb", "--list"], "01_collect_statistics.ipynb"),  # one good name, one unknown
+    (["--config", "embeded", "--list"], "embedded-pooled"),
+])
+def test_an_unknown_notebook_or_configuration_exits_non_zero_listing_the_valid_names(argv, valid, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(argv)
+    assert exit_info.value.code != 0
+    error = capsys.readouterr().err
+    assert valid in error and argv[1 if argv[0] == "--config" else -2] in error
+
+
+def test_only_accepts_file_names_names_without_ipynb_and_numbers(capsys):
+    listed = {}
+    for name in ("04_tables_and_figures.ipynb", "04_tables_and_figures", "04"):
+        assert reproduce.main(["--config", "tiny", "--only", name, "--list"]) == 0
+        listed[name] = capsys.readouterr().out.splitlines()
+    assert len(listed["04"]) == 1 and listed["04"][0].startswith("04_tables_and_figures.ipynb runs/tiny/04__tiny-qwen3")
+    assert listed["04_tables_and_figures.ipynb"] == listed["04_tables_and_figures"] == listed["04"]
+
+
+def test_outside_a_checkout_the_root_is_the_working_directory_never_the_installed_one(tmp_path, monkeypatch, capsys):
+    from moepaper.project import project_root
+
+    monkeypatch.delenv("MOEPAPER_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert project_root() == tmp_path.resolve()  # not the checkout moepaper is installed from
+    assert project_root(REPO / "moepaper") == REPO  # inside a checkout: that checkout
+    for argv in (["--list"], ["--root", str(tmp_path), "--list"]):
+        with pytest.raises(SystemExit) as exit_info:
+            reproduce.main(argv)
+        assert exit_info.value.code != 0
+        assert f"{tmp_path.resolve()} is not a moepaper checkout" in capsys.readouterr().err
+    assert reproduce.main(["--root", str(REPO), "--config", "tiny", "--list"]) == 0
+    assert "runs/tiny/04__tiny-qwen3" in capsys.readouterr().out

@@ -259,3 +259,50 @@ def test_files_get_the_process_permissions_and_unique_temporary_names(stats, tmp
         t.join()
     assert len(set(names)) == 4 and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
     statistics_module.ExpertStatistics.load(tmp_path / "same.safetensors")
+
+
+# ---------------------------------------------------------------- versions (issue 22)
+
+
+def test_results_of_another_version_are_re_evaluated_never_reused(tiny, stats, calls, tmp_path, monkeypatch):
+    """A record made by another moepaper / lm-eval / transformers / torch (or naming no versions) is
+    neither skipped nor copied for identical kept experts: it is evaluated again and replaced. torch's
+    build label alone (+cpu, +cu128) is the same release."""
+    from moepaper.pipeline import results
+
+    paths = run(tiny, stats, tmp_path, criteria=["man", "msan"])
+    assert len(calls) >= 2
+    calls.clear()
+    run(tiny, stats, tmp_path, criteria=["man", "msan"])
+    assert calls == []  # same versions: everything reused
+    today = results._versions()
+    for key, other in (("moepaper", "0.0.9"), ("lm_eval", "0.4.12"), ("transformers", "5.23.0"), ("torch", "2.12.0")):
+        monkeypatch.setattr(results, "_versions", lambda key=key, other=other: {**today, key: other})
+        calls.clear()
+        run(tiny, stats, tmp_path, criteria=["man", "msan"])
+        assert len(calls) >= 2, key  # the unpruned model and a pruned one at least: nothing copied from older records
+        assert all(read_result(p)["provenance"][key] == other for p in paths)
+    monkeypatch.setattr(results, "_versions", lambda: {**today, "torch": "2.12.0+cu128"})
+    calls.clear()
+    run(tiny, stats, tmp_path, criteria=["man", "msan"])
+    assert calls == []  # 2.12.0+cu128 is the release 2.12.0 of the records
+    record = read_result(paths[0])
+    del record["provenance"]["lm_eval"]  # a record of unknown make
+    write_json_atomic(paths[0], record)
+    run(tiny, stats, tmp_path, criteria=["man", "msan"])
+    assert calls == [["b_mc"]] and read_result(paths[0])["provenance"]["lm_eval"] == today["lm_eval"]
+
+
+def test_tables_refuse_results_of_one_model_made_by_different_versions(tiny, stats, calls, tmp_path):
+    from moepaper.pipeline.tables import load_results
+
+    paths = run(tiny, stats, tmp_path)
+    assert len(load_results(tmp_path)) == len(paths)
+    record = read_result(paths[-1])
+    record["provenance"]["torch"] = "2.13.0+cu128"  # the same release, another build: one make
+    write_json_atomic(paths[-1], record)
+    assert len(load_results(tmp_path)) == len(paths)
+    record["provenance"]["transformers"] = "5.25.0"
+    write_json_atomic(paths[-1], record)
+    with pytest.raises(ValueError, match=r"results of model 'tiny' .* different versions: .*'transformers': '5\.25\.0'"):
+        load_results(tmp_path)

@@ -272,3 +272,80 @@ def test_wrong_programs_fail_when_executed(code_eval_cache):
     assert scores["pass@1"] == pytest.approx(1 / 3)
     assert [d[0][1]["passed"] for d in details.values()] == [True, False, False]
     assert details[2][0][1]["result"] == "timed out"
+
+
+# ---------------------------------------------------------------- the task folder under concurrency (issue 22)
+
+_WRITER = """
+import sys
+from pathlib import Path
+from moepaper.pipeline import standin
+expected = standin.task_yamls()
+bad = 0
+for _ in range(int(sys.argv[2])):
+    try:
+        folder = standin.standin_task_dir(sys.argv[1])
+        files = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*.yaml")}
+        subjects = sum(f"mmlu/mmlu_{s}.yaml" in files for s in standin.mmlu_subjects())
+        if set(files) != set(expected) or any(files[n].read_text() != t for n, t in expected.items()):
+            bad += 1
+            print(f"partial folder: {len(files)} of {len(expected)} files, {subjects} of 57 MMLU subjects", flush=True)
+    except Exception as error:  # FileNotFoundError, "Directory not empty", FileExistsError, ...
+        bad += 1
+        print(f"{type(error).__name__}: {error}", flush=True)
+print(f"BAD {bad}")
+"""
+
+
+def test_concurrent_processes_never_see_a_partial_folder(tmp_path):
+    """Four processes ask for the same folder 15 times each and read it back at once: every read finds
+    the whole folder (before issue 22 each call removed and rewrote it: partial task indexes, crashes)."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "tasks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(target), "15"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env) for _ in range(4)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert all(out.strip().endswith("BAD 0") for out in outputs), outputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tasks"]  # no staging folder left behind
+
+
+def test_a_partial_or_outdated_folder_is_replaced_whole(tmp_path):
+    folder = standin.standin_task_dir(tmp_path / "tasks")
+    expected = standin.task_yamls()
+    for path in sorted(folder.glob("mmlu/mmlu_*.yaml"))[:13]:  # a folder written halfway: 44 of 57 subjects
+        path.unlink()
+    (folder / "boolq.yaml").write_text("include: elsewhere\n")
+    assert standin.standin_task_dir(folder) == folder
+    files = {p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("*.yaml")}
+    assert files == expected
+    # an old folder (no manifest, as written before issue 22) is replaced too; an intact one is kept as it is
+    (folder / standin.MANIFEST).unlink()
+    standin.standin_task_dir(folder)
+    stamp = (folder / standin.MANIFEST).stat().st_mtime_ns
+    standin.standin_task_dir(folder)
+    assert (folder / standin.MANIFEST).stat().st_mtime_ns == stamp
+
+
+def test_a_file_or_link_at_the_folder_path_is_a_clear_error(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(FileExistsError, match="a file is in the way"):
+        standin.standin_task_dir(tmp_path / "a_file")
+    real = standin.standin_task_dir(tmp_path / "real")
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(FileExistsError, match="a symbolic link is in the way"):
+        standin.standin_task_dir(tmp_path / "link")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"holds files that are not stand-in task YAMLs \(notes.txt\)"):
+        standin.standin_task_dir(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_the_default_folder_is_complete():
+    folder = standin.standin_task_dir()
+    assert folder.name.startswith("moepaper-standin-tasks-") and standin._is_complete(folder, standin.task_yamls())
+    assert {f"mmlu_{s}.yaml" for s in standin.mmlu_subjects()} <= {p.name for p in folder.glob("mmlu/*.yaml")}
