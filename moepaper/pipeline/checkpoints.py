@@ -35,6 +35,7 @@ This module uses the core and `evaluation`; `results.sweep` uses it (not the rev
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -221,6 +222,9 @@ class CheckpointEvaluator:
     batch_size: lm-eval's batch size for this backend, replacing the sweep's: ``"auto"`` (default)
         hands vLLM every request at once, so its continuous batching runs full; None keeps the sweep's.
     seed: vLLM's seed (greedy decoding does not sample; the seed only fixes vLLM's own state).
+    python: the interpreter of the evaluation child process (default: this one), e.g. a
+        separate vLLM environment's ``.venv-vllm/bin/python``; it imports this moepaper from
+        its source folder and needs lm-eval, vLLM, transformers, pandas there (docs/vllm.md).
     evaluate_checkpoint: ``fn(path, model_args, **evaluate_kwargs) -> DataFrame`` of
         `evaluation.RESULT_COLUMNS` rows; default `evaluate_in_subprocess` (``isolate=True``)
         or `evaluate_in_process`.
@@ -240,6 +244,7 @@ class CheckpointEvaluator:
         seed: int = 0,
         evaluate_checkpoint: Callable[..., pd.DataFrame] | None = None,
         isolate: bool = True,
+        python: str | Path | None = None,
         batch_size: int | str | None = "auto",
         **vllm_args,
     ):
@@ -252,7 +257,11 @@ class CheckpointEvaluator:
         self.seed = seed
         self.batch_size = batch_size
         self.vllm_args = vllm_args
-        self.evaluate_checkpoint = evaluate_checkpoint or (evaluate_in_subprocess if isolate else evaluate_in_process)
+        if evaluate_checkpoint is None and isolate:
+            evaluate_checkpoint = functools.partial(evaluate_in_subprocess, python=python)
+        elif python is not None:
+            raise ValueError("python= names the child process's interpreter: it needs isolate=True and no evaluate_checkpoint")
+        self.evaluate_checkpoint = evaluate_checkpoint or evaluate_in_process
         self._base_checked = False
         self.layers = find_moe_layers(model)
         if _gpu_bytes(model):
@@ -343,6 +352,7 @@ def plan_checkpoints(
     overrides as in ``sweep(checkpoints={...})``). A resumed sweep skips entries already on
     disk and copies results of entries whose kept experts equal one already evaluated.
     """
+    vllm_args.pop("python", None)  # the child's interpreter: nothing a plan runs
     evaluator = CheckpointEvaluator(model, None, checkpoint_dir=checkpoint_dir, model_name=model_name,
                                     base_checkpoint=base_checkpoint, seed=seed, evaluate_checkpoint=_not_run, **vllm_args)
     calibration = calibration or stats.metadata.get("calibration") or "unknown"
@@ -370,14 +380,31 @@ def evaluate_in_process(checkpoint: str | Path, model_args: dict, *, suite="pape
     return evaluation.evaluate(str(checkpoint), None, suite, backend=backend, model_args=args, **evaluate_kwargs)
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGKILL when the process that started it dies (killed or not), so no
+    evaluation child, and no vLLM engine inside it, outlives the sweep."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_child(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` of an evaluation child that dies with this process (`_die_with_parent`, Linux)."""
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    return subprocess.run(command, preexec_fn=preexec, check=False, **kwargs)
+
+
 def evaluate_in_subprocess(checkpoint: str | Path, model_args: dict, *, suite="paper", backend: str = "vllm",
-                           **evaluate_kwargs) -> pd.DataFrame:
+                           python: str | Path | None = None, **evaluate_kwargs) -> pd.DataFrame:
     """`evaluate_in_process` in a fresh Python process (``python -m moepaper.pipeline.checkpoints``),
     so each vLLM engine's GPU memory is released when its checkpoint is done.
 
     The suite goes by name (``paper``, ``paper-rehearsal``, ``local``, ``smoke``); the child's output (vLLM and
     lm-eval logs) goes to this process's stdout and stderr. A child that fails raises
-    RuntimeError here.
+    RuntimeError here. `python`: the child's interpreter (default: this one), e.g. a separate
+    vLLM environment; the child is killed if this process dies (`run_child`).
     """
     suite_name = suite if isinstance(suite, str) else suite.name
     if suite_name not in SUITES_BY_NAME or evaluation.get_suite(suite_name) != evaluation.get_suite(suite):
@@ -391,8 +418,8 @@ def evaluate_in_subprocess(checkpoint: str | Path, model_args: dict, *, suite="p
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # this moepaper, not another install
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        done = subprocess.run([sys.executable, "-m", "moepaper.pipeline.checkpoints", str(request_path), str(output_path)],
-                              env=env, check=False)
+        done = run_child([str(python or sys.executable), "-m", "moepaper.pipeline.checkpoints", str(request_path),
+                          str(output_path)], env=env)
         if done.returncode != 0 or not output_path.exists():
             raise RuntimeError(f"evaluating {checkpoint} in a child process failed (exit status {done.returncode}); "
                                "its error is printed above")
