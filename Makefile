@@ -53,3 +53,5 @@ $(VLLM_STAMP):
 
 rehearsal-vllm: $(STAMP) $(VLLM_STAMP)
 	$(OFFLINE) $(PY) benchmarks/vllm_rehearsal.py --vllm-python $(VLLM_PY)
+	# benchmarks/gpu_check.py --rehearsal, through its test (which may not skip here)
+	$(OFFLINE) MOEPAPER_REQUIRE_VLLM=1 MOEPAPER_VLLM_PYTHON=$(VLLM_PY) $(PY) -m pytest -q tests/pipeline/test_gpu_check.py

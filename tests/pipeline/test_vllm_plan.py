@@ -352,3 +352,34 @@ def test_child_process_rebuilds_the_rehearsal_suite(tiny, tmp_path):
     frame = checkpoints.evaluate_in_subprocess(tmp_path / "ckpt", args, suite="paper-rehearsal", backend="hf",
                                                benchmarks=["arc_easy"], limit=2, batch_size=2)
     assert frame.loc[0, "benchmark"] == "arc_easy" and frame.loc[0, "status"] == "ok" and frame.loc[0, "n"] == 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux only (PR_SET_PDEATHSIG)")
+def test_evaluation_children_die_with_their_parent(tmp_path):
+    """A vLLM engine lives in the evaluation child: killing the sweep (SIGKILL, no cleanup) must not leave it running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = (
+        "import sys; from moepaper.pipeline.checkpoints import run_child; "
+        "run_child([sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); time.sleep(600)'])"
+    )
+    started = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    child = int(started.stdout.readline())
+    assert Path(f"/proc/{child}").exists()
+    started.send_signal(signal.SIGKILL)
+    started.wait()
+    for _ in range(200):  # the kernel delivers SIGKILL to the child; wait until it is reaped
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail(f"child {child} outlived its killed parent")
