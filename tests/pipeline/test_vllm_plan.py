@@ -123,7 +123,7 @@ def test_unpruned_model_is_evaluated_from_the_base_checkpoint(tiny, tmp_path):
     assert fake.calls[0]["model_args"] == {"pretrained": str(base), **EXPECTED_ARGS, "tensor_parallel_size": 2,
                                            "tokenizer": str(base)}
     assert (base / "config.json").exists(), "the base checkpoint is never deleted"
-    assert [c["experts"][0] for c in fake.calls[1:]] == [6, 4, 6, 4]  # pruned copies reloaded from the base
+    assert [c["experts"][0] for c in fake.calls[1:]] == [6, 4, 6, 4]  # pruned from the in-memory model, restored after each save
 
 
 def test_a_base_checkpoint_of_other_weights_is_refused(tiny, tmp_path):
