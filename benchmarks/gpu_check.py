@@ -16,7 +16,9 @@ tokens check the route, not the pruning's quality.
 Reported: seconds per step, peak resident memory of this process (VmHWM), peak GPU memory
 of this process (the evaluation children's are their own), benchmarks ok. The figures are
 written as a section of `--out` (default docs/performance.md; replaced on a rerun).
-Exit status 0 when every runnable benchmark of both entries is "ok".
+Exit status 0 when every runnable benchmark of both entries is "ok". Everything runs offline
+except reading `--model`: on a machine without network, give a local folder or fill the
+Hugging Face cache first. Not yet run on a GPU (docs/vllm.md).
 """
 
 from __future__ import annotations

