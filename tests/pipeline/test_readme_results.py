@@ -1,0 +1,38 @@
+"""The README's headline table and verdicts are the committed results' (figures/rank_report__embedded.md,
+which notebook 04 writes), recomputed here from data/results/named."""
+
+from pathlib import Path
+
+import pytest
+
+from moepaper.pipeline.tables import load_results, rank_report, rank_report_table, rank_verdicts, to_markdown
+
+REPO = Path(__file__).resolve().parents[2]
+REPORT = REPO / "figures" / "rank_report__embedded.md"
+
+
+@pytest.fixture(scope="module")
+def report():
+    df = load_results(REPO / "data" / "results" / "named")
+    return rank_report(df[df["model"] == "embedded"], model="embedded", n=1000, seed=0)  # notebook 04's defaults
+
+
+def test_committed_report_is_what_the_committed_results_give(report):
+    ranks, paired = report
+    text = REPORT.read_text()
+    assert set(ranks["setting"]) == {"task-agnostic", "task-specific", "all-domain"}
+    for setting in ("task-agnostic", "task-specific", "all-domain"):
+        assert to_markdown(rank_report_table(ranks, paired, setting=setting)) in text, setting
+    for sentence in rank_verdicts(ranks, paired):
+        assert sentence in text
+
+
+def test_readme_shows_the_task_agnostic_table_and_its_verdicts(report):
+    ranks, paired = report
+    readme = (REPO / "README.md").read_text()
+    assert to_markdown(rank_report_table(ranks, paired, setting="task-agnostic")) in readme
+    agnostic = [s for s in rank_verdicts(ranks, paired) if s.startswith("Task-agnostic")]
+    assert len(agnostic) == 4 and all(s in readme for s in agnostic)
+    # the task-agnostic setting is the paper's: three disjoint general-domain draws, every benchmark
+    cell = ranks[ranks["setting"] == "task-agnostic"]
+    assert set(cell["n_draws"]) == {3} and set(cell["n_benchmarks"]).issubset({3, 6})
