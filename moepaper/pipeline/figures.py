@@ -404,18 +404,18 @@ def plot_rank_intervals(boot: pd.DataFrame, *, models: Sequence[str] | None = No
         ax.set_xlim(0.5, top + 0.5)
         ax.set_xticks(range(1, top + 1, 1 if top <= 10 else 2))
         ax.set_title(setting, fontsize=10)
-        ax.set_xlabel("average rank (1 = best)", fontsize=9.5)
         ax.tick_params(labelsize=9)
         ax.grid(axis="y", visible=False)
     axes[0].set_yticks([y[c] for c in names], [display_name(c) for c in names])
     axes[0].set_ylim(-0.6, len(names) - 0.4)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if not handles:
-        for ax in axes[1:]:
-            handles, labels = ax.get_legend_handles_labels()
-            if handles:
-                break
-    fig.legend(handles, labels, loc="outside upper center", ncol=len(models), fontsize=9,
+    fig.supxlabel("average rank (1 = best)", fontsize=9.5)  # once: per-panel labels collide on narrow panels
+    seen: dict[str, object] = {}  # every model's handle, whichever panel has it (a model may lack a setting)
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    labels = [m for m in models if m in seen]
+    handles = [seen[m] for m in labels]
+    fig.legend(handles, labels, loc="outside upper center", ncol=max(len(labels), 1), fontsize=9,
                title=f"dot: mean rank; bar: {level:.0%} bootstrap interval", title_fontsize=9)
     return fig
 
