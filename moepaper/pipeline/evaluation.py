@@ -564,8 +564,40 @@ def _benchmark_row(b: Benchmark, suite: Suite, output: dict, *, seconds: float, 
         stderr=float(stderr) if isinstance(stderr, (int, float)) else float("nan"),
         higher_is_better=bool(higher) if higher is not None else True, n=int(n or 0), status=OK,
         note=f"{seconds:.1f} s" + (" (whole suite, one lm-eval call)" if shared else ""),
-        items=item_outcomes(output.get("samples", {}).get(b.task), metric),
+        items=_items(output, b.task, metric, float(value)),
     )
+
+
+def _items(output: dict, task: str, metric: str, value: float) -> dict | None:
+    """A benchmark's per-item outcomes: its own logged samples, or for a group (MMLU) its subtasks'
+    items pooled (doc_id ``<subtask>/<doc_id>``) when the pooled items give back the group's value
+    (lm-eval's size-weighted mean; nested groups prefix each level); None when they do not (an unweighted group) or are missing."""
+    own = item_outcomes(output.get("samples", {}).get(task), metric)
+    if own is not None or task not in output.get("group_subtasks", {}):
+        return own
+    pooled = _group_items(output, task, metric)
+    if pooled is None:
+        return None
+    again = items_value(pooled)
+    return pooled if math.isclose(again, value, rel_tol=1e-9, abs_tol=1e-12) else None
+
+
+def _group_items(output: dict, group: str, metric: str) -> dict | None:
+    """The items of every leaf subtask of `group`, concatenated, doc_ids prefixed by the subtask."""
+    groups = output.get("group_subtasks", {})
+    parts = {}
+    for task in groups.get(group, []):
+        items = _group_items(output, task, metric) if task in groups else item_outcomes(output.get("samples", {}).get(task), metric)
+        if items is None:
+            return None
+        parts[task] = items
+    fields = {tuple(sorted(k for k in items if k != "doc_id")) for items in parts.values()}
+    if len(fields) != 1:
+        return None
+    pooled = {"doc_id": [f"{task}/{d}" for task, items in parts.items() for d in items["doc_id"]]}
+    for field in next(iter(fields)):
+        pooled[field] = [v for items in parts.values() for v in items[field]]
+    return pooled
 
 
 def item_outcomes(samples: list[dict] | None, metric: str) -> dict | None:

@@ -494,3 +494,24 @@ def test_sweep_records_carry_per_item_outcomes(tiny, tokenizer, task_suite, tiny
         assert all(isinstance(v, (int, float)) for key in record["items"] for v in record["items"][key])
     assert set(records["man", "t_mc"]["items"]) == {"doc_id", "acc"}
     assert set(records["man", "t_ppl"]["items"]) == {"doc_id", "loglikelihood", "bytes"}
+
+
+def test_a_groups_items_are_its_subtasks_pooled_when_they_give_its_value():
+    """MMLU is a group: lm-eval logs samples per subtask. The group's record pools them (doc_id
+    "<subtask>/<doc_id>") when their mean is the group's value (size-weighted, as MMLU aggregates),
+    and has none when the group's value is another aggregate (an unweighted mean of unequal subtasks)."""
+    from moepaper.pipeline.evaluation import _items
+
+    def samples(accs):
+        return [{"doc_id": k, "filter": "none", "acc": a} for k, a in enumerate(accs)]
+
+    output = {"group_subtasks": {"mmlu": ["mmlu_stem", "mmlu_other"], "mmlu_stem": ["mmlu_physics", "mmlu_math"]},
+              "samples": {"mmlu_physics": samples([1, 0, 1]), "mmlu_math": samples([0]), "mmlu_other": samples([1, 1, 0, 0])}}
+    pooled = _items(output, "mmlu", "acc,none", 4 / 8)  # 4 right of 8
+    assert pooled["doc_id"] == ["mmlu_stem/mmlu_physics/0", "mmlu_stem/mmlu_physics/1", "mmlu_stem/mmlu_physics/2", "mmlu_stem/mmlu_math/0",
+                                "mmlu_other/0", "mmlu_other/1", "mmlu_other/2", "mmlu_other/3"]
+    assert pooled["acc"] == [1, 0, 1, 0, 1, 1, 0, 0]
+    assert _items(output, "mmlu", "acc,none", (2 / 4 + 2 / 4) / 2 + 0.01) is None  # another aggregate: no items
+    assert _items(output, "mmlu_other", "acc,none", 0.5) == {"doc_id": [0, 1, 2, 3], "acc": [1, 1, 0, 0]}
+    del output["samples"]["mmlu_math"]
+    assert _items(output, "mmlu", "acc,none", 0.5) is None  # a subtask without samples
