@@ -841,16 +841,21 @@ def rank_report(results: pd.DataFrame, *, model: str, ratios: Sequence[float] | 
     metric), each criterion of `new` (MAN, MSAN) against the best-ranked other criterion of that
     cell (by point estimate; the strongest competitor there): the paired difference of average
     ranks (negative = the new criterion ranks better), its interval and P(new ranks better).
-    ratios: default every ratio of the model's records.
+    ratios: default every ratio of the model's records. A metric family the model's records do not
+    have (the paper suite has no bits-per-byte task) is left out.
     """
     frame = results[results["model"] == model]
     if frame.empty:
         raise ValueError(f"no results of model {model!r}")
     ratios = sorted(frame.loc[frame["criterion"] != UNPRUNED, "ratio"].astype(float).unique()) if ratios is None else list(ratios)
+    families = {metric_family(m) for m in frame.loc[frame["status"] == "ok", "metric"]} if "status" in frame else \
+        {metric_family(m) for m in frame["metric"]}
     ranks, paired = [], []
     for ratio in ratios:
         for metric in metrics:
             _check_filters(level, n, metric, ratio)
+            if metric != ALL_METRICS and metric not in families:
+                continue  # a suite without this family (the paper suite has no bits-per-byte task)
             cells, _ = _replicates(frame, n, seed, model, (UNPRUNED,), None, metric, ratio, distinct)
             for cell in cells:
                 boot, point, names = cell["boot"], cell["point"], cell["criteria"]

@@ -465,3 +465,12 @@ def display(criterion: str) -> str:
     from moepaper.pipeline.tables import display_name
 
     return display_name(criterion)
+
+
+def test_rank_report_leaves_out_a_metric_family_the_suite_lacks():
+    """The paper suite has accuracy-type tasks only: its report has no bits-per-byte cells, and no error."""
+    from moepaper.pipeline.tables import rank_report
+
+    df = as_frame([r for r in synthetic_records(seeds=(0, 1), items=20) if r["metric"].startswith("acc")])
+    ranks, paired = rank_report(df, model="toy", n=20)
+    assert set(ranks["metric"]) == {"accuracy"} and set(paired["metric"]) == {"accuracy"}
