@@ -316,8 +316,10 @@ print(json.dumps({"model": model_bytes, "start": start, "peak": rss("VmHWM")}))
 @pytest.mark.slow
 def test_checkpoint_route_never_holds_two_models(tmp_path):
     """Saving a pruned checkpoint used to reload a full base copy beside the in-memory model (2 x 57 GiB for
-    Qwen3). Peak resident memory of one entry, measured: the model plus at most a quarter of it (the
-    permutation's temporary is the largest expert tensor, here an eighth of the model)."""
+    Qwen3). Peak resident memory of one entry, measured: the model plus less than half of it. A second
+    copy would add the whole model; what one entry needs is the permutation's temporary (the largest
+    expert tensor, an eighth of the model) and the writer's buffers, measured at 45-98 MiB for this
+    289 MiB model (98 on a loaded machine: a quarter of the model was too tight a bound there)."""
     import subprocess
     import sys
 
@@ -339,7 +341,7 @@ def test_checkpoint_route_never_holds_two_models(tmp_path):
     extra = figures["peak"] - figures["start"]
     print(f"model {figures['model'] / 2**20:.0f} MiB, peak above start {extra / 2**20:.0f} MiB")
     assert figures["model"] > 250 * 2**20
-    assert extra < figures["model"] / 4, figures
+    assert extra < figures["model"] / 2, figures
 
 
 @pytest.mark.slow
