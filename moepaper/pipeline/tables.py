@@ -530,6 +530,25 @@ def _replicates(results: pd.DataFrame, n: int, seed: int, model, exclude, criter
     return out, free
 
 
+def _interval(boot: np.ndarray, level: float) -> np.ndarray:
+    """The percentile interval of each column of replicates [n, C]: [2, C] (low, high)."""
+    return np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
+
+
+def _standing(boot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """P(best) and P(top 2) per column of replicates [n, C]: no other column strictly lower, at most one."""
+    better = (boot[:, None, :] < boot[:, :, None]).sum(axis=2)  # [n, C]: how many rank strictly better
+    return (better == 0).mean(axis=0), (better <= 1).mean(axis=0)
+
+
+def _paired(cell: dict, i: int, j: int, level: float) -> dict:
+    """Criterion i minus criterion j of one cell: point difference, interval, P(i ranks better), ties half."""
+    diff = cell["boot"][:, i] - cell["boot"][:, j]
+    low, high = _interval(diff, level)
+    return {"mean": cell["point"][i] - cell["point"][j], "low": low, "high": high,
+            "p_better": float(np.mean((diff < 0) + 0.5 * (diff == 0)))}
+
+
 def bootstrap_average_ranks(results: pd.DataFrame, n: int = 1000, *, level: float = 0.9, seed: int = 0,
                             model: str | None = None, exclude: Sequence[str] = (UNPRUNED,),
                             criteria: Sequence[str] | None = None, metric: str = ALL_METRICS, ratio: float | None = None,
@@ -590,7 +609,7 @@ def bootstrap_average_ranks(results: pd.DataFrame, n: int = 1000, *, level: floa
     cells, free = _replicates(results, n, seed, model, exclude, criteria, metric, ratio, distinct)
     rows = []
     for cell in cells:
-        low, high = np.quantile(cell["boot"], [(1 - level) / 2, (1 + level) / 2], axis=0)
+        low, high = _interval(cell["boot"], level)
         for k, criterion in enumerate(cell["criteria"]):
             rows.append({**{c: cell[c] for c in ("model", "setting", "metric", "ratio")}, "criterion": criterion,
                          "mean_rank": cell["point"][k], "low": low[k], "high": high[k], "boot_mean": cell["boot"][:, k].mean(),
@@ -620,11 +639,8 @@ def paired_rank_differences(results: pd.DataFrame, a: str, b: str, n: int = 1000
         if missing:
             raise ValueError(f"{cell['model']} / {cell['setting']}: no criterion {missing} (criteria: {cell['criteria']})")
         i, j = cell["criteria"].index(a), cell["criteria"].index(b)
-        diff = cell["boot"][:, i] - cell["boot"][:, j]
-        low, high = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
         rows.append({**{c: cell[c] for c in ("model", "setting", "metric", "ratio")}, "a": a, "b": b,
-                     "mean": cell["point"][i] - cell["point"][j], "low": low, "high": high,
-                     "p_better": float(np.mean((diff < 0) + 0.5 * (diff == 0))), "n_boot": n})
+                     **_paired(cell, i, j, level), "n_boot": n})
     out = pd.DataFrame(rows, columns=["model", "setting", "metric", "ratio", "a", "b", "mean", "low", "high", "p_better", "n_boot"])
     out.attrs.update(n=n, level=level, seed=seed, metric=metric, ratio=ratio)
     return out
@@ -645,12 +661,10 @@ def rank_probabilities(results: pd.DataFrame, n: int = 1000, *, seed: int = 0, m
     cells, _ = _replicates(results, n, seed, model, exclude, criteria, metric, ratio, distinct)
     rows = []
     for cell in cells:
-        boot = cell["boot"]  # [n, C]
-        better = (boot[:, None, :] < boot[:, :, None]).sum(axis=2)  # [n, C]: how many rank strictly better
+        best, top2 = _standing(cell["boot"])
         for k, criterion in enumerate(cell["criteria"]):
             rows.append({**{c: cell[c] for c in ("model", "setting", "metric", "ratio")}, "criterion": criterion,
-                         "mean_rank": cell["point"][k], "p_best": float(np.mean(better[:, k] == 0)),
-                         "p_top2": float(np.mean(better[:, k] <= 1)), "n_boot": n})
+                         "mean_rank": cell["point"][k], "p_best": float(best[k]), "p_top2": float(top2[k]), "n_boot": n})
     out = pd.DataFrame(rows, columns=["model", "setting", "metric", "ratio", "criterion", "mean_rank", "p_best", "p_top2", "n_boot"])
     out.attrs.update(n=n, seed=seed, metric=metric, ratio=ratio)
     return out
@@ -858,24 +872,20 @@ def rank_report(results: pd.DataFrame, *, model: str, ratios: Sequence[float] | 
                 continue  # a suite without this family (the paper suite has no bits-per-byte task)
             cells, _ = _replicates(frame, n, seed, model, (UNPRUNED,), None, metric, ratio, distinct)
             for cell in cells:
-                boot, point, names = cell["boot"], cell["point"], cell["criteria"]
-                low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
-                better = (boot[:, None, :] < boot[:, :, None]).sum(axis=2)
+                point, names = cell["point"], cell["criteria"]
+                low, high = _interval(cell["boot"], level)
+                best, top2 = _standing(cell["boot"])
                 key = {"model": model, "setting": cell["setting"], "ratio": float(ratio), "metric": metric}
                 for k, criterion in enumerate(names):
                     ranks.append({**key, "criterion": criterion, "mean_rank": point[k], "low": low[k], "high": high[k],
-                                  "p_best": float(np.mean(better[:, k] == 0)), "p_top2": float(np.mean(better[:, k] <= 1)),
+                                  "p_best": float(best[k]), "p_top2": float(top2[k]),
                                   **{c: cell[c] for c in REPORT_COLUMNS[10:]}})
                 others = [k for k, c in enumerate(names) if c not in new]
                 if not others:
                     continue
                 rival = min(others, key=lambda k: point[k])
                 for criterion in [c for c in new if c in names]:
-                    i = names.index(criterion)
-                    diff = boot[:, i] - boot[:, rival]
-                    lo, hi = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
-                    paired.append({**key, "a": criterion, "b": names[rival], "mean": point[i] - point[rival], "low": lo,
-                                   "high": hi, "p_better": float(np.mean((diff < 0) + 0.5 * (diff == 0)))})
+                    paired.append({**key, "a": criterion, "b": names[rival], **_paired(cell, names.index(criterion), rival, level)})
     ranks_frame = pd.DataFrame(ranks, columns=REPORT_COLUMNS)
     paired_frame = pd.DataFrame(paired, columns=PAIRED_COLUMNS)
     for out in (ranks_frame, paired_frame):
