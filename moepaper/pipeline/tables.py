@@ -996,6 +996,129 @@ def write_rank_report(ranks: pd.DataFrame, paired: pd.DataFrame, out_dir: str | 
     return paths
 
 
+# ---------------------------------------------------------------- one ranking across trained models (seed, balance)
+
+
+SHIFT_COLUMNS = ["setting", "ratio", "metric", "criterion", "reference", "other", "reference_rank", "reference_low",
+                 "reference_high", "other_rank", "other_low", "other_high", "shift", "shift_low", "shift_high"]
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rho between the rows of x and y [..., C] (ties averaged), [...]."""
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    rx = rx - rx.mean(axis=-1, keepdims=True)
+    ry = ry - ry.mean(axis=-1, keepdims=True)
+    den = np.sqrt((rx * rx).sum(axis=-1) * (ry * ry).sum(axis=-1))
+    return np.where(den > 0, (rx * ry).sum(axis=-1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def rank_shift(results: pd.DataFrame, reference: str, other: str, *, setting: str = "task-agnostic", ratio: float = 0.25,
+               metric: str = ACCURACY, n: int = 1000, level: float = 0.9, seed: int = 0,
+               distinct: bool = True) -> tuple[pd.DataFrame, dict]:
+    """How the ranking of one (setting, ratio, metric) cell moves from model `reference` to model `other`
+    (another training seed, or another training recipe such as the pooled balance loss).
+
+    Both models are ranked over the criteria they share (the same benchmarks and items), each with
+    `bootstrap_average_ranks`' replicates; the two models are trained apart, so their replicates are
+    drawn independently and the shift's interval is that of the difference of two independent
+    estimates. Returns (per_criterion, summary). per_criterion: one row per criterion
+    (`SHIFT_COLUMNS`): each model's average rank with its interval, and shift = other - reference
+    (positive = ranks worse on `other`) with its interval. summary: ``spearman`` (Spearman's rho
+    between the two models' average ranks), ``spearman_low``/``spearman_high`` (its interval over
+    the paired replicates), ``mean_abs_shift``, ``same_leader`` (whether both models rank the same
+    criterion first), ``n_criteria``, and the arguments.
+    """
+    _check_filters(level, n, metric, ratio)
+    if reference == other:
+        raise ValueError(f"reference and other are both {reference!r}: compare two models")
+    shared = None
+    for name in (reference, other):
+        names = set(results.loc[(results["model"] == name) & (results["criterion"] != UNPRUNED), "criterion"])
+        if not names:
+            raise ValueError(f"no results of model {name!r} (models: {sorted(set(results['model']))})")
+        shared = names if shared is None else shared & names
+    cells = {}
+    for name in (reference, other):
+        found, _ = _replicates(results, n, seed, name, (UNPRUNED,), sorted(shared), metric, ratio, distinct)
+        found = [c for c in found if c["setting"] == setting]
+        if not found:
+            raise ValueError(f"model {name!r}: no {setting!r} results at ratio {ratio} for metric {metric!r}")
+        cells[name] = found[0]
+    criteria = [c for c in cells[reference]["criteria"] if c in cells[other]["criteria"]]
+    a = cells[reference]
+    b = cells[other]
+    ia = [a["criteria"].index(c) for c in criteria]
+    ib = [b["criteria"].index(c) for c in criteria]
+    point_a, point_b = a["point"][ia], b["point"][ib]
+    boot_a, boot_b = a["boot"][:, ia], b["boot"][:, ib]
+    low_a, high_a = _interval(boot_a, level)
+    low_b, high_b = _interval(boot_b, level)
+    low_d, high_d = _interval(boot_b - boot_a, level)
+    rows = [{"setting": setting, "ratio": float(ratio), "metric": metric, "criterion": c, "reference": reference, "other": other,
+             "reference_rank": point_a[k], "reference_low": low_a[k], "reference_high": high_a[k],
+             "other_rank": point_b[k], "other_low": low_b[k], "other_high": high_b[k],
+             "shift": point_b[k] - point_a[k], "shift_low": low_d[k], "shift_high": high_d[k]} for k, c in enumerate(criteria)]
+    rho_low, rho_high = _interval(_spearman(boot_a, boot_b)[:, None], level)[:, 0]
+    summary = {"reference": reference, "other": other, "setting": setting, "ratio": float(ratio), "metric": metric,
+               "spearman": float(_spearman(point_a, point_b)), "spearman_low": float(rho_low), "spearman_high": float(rho_high),
+               "mean_abs_shift": float(np.abs(point_b - point_a).mean()),
+               "same_leader": criteria[int(np.argmin(point_a))] == criteria[int(np.argmin(point_b))],
+               "n_criteria": len(criteria), "n": n, "level": level, "seed": seed}
+    out = pd.DataFrame(rows, columns=SHIFT_COLUMNS)
+    out.attrs.update(summary)
+    return out, summary
+
+
+def rank_shift_table(shifts: Sequence[pd.DataFrame], *, digits: int = 2) -> pd.DataFrame:
+    """`rank_shift` results of one reference model side by side: criterion rows; the reference's
+    average rank, then per other model its average rank and its shift, each "mean [low, high]";
+    a last row with Spearman's rho between the two rankings."""
+    if not shifts:
+        raise ValueError("no rank_shift results to show")
+    first = shifts[0]
+    fmt = lambda m, lo, hi, sign="": f"{m:{sign}.{digits}f} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
+    table = pd.DataFrame(index=list(first["criterion"]))
+    reference = first["reference"].iloc[0]
+    table[reference] = [fmt(r.reference_rank, r.reference_low, r.reference_high) for r in first.itertuples()]
+    rho = {reference: "–"}
+    for shift in shifts:
+        other = shift["other"].iloc[0]
+        rows = shift.set_index("criterion")
+        table[other] = [fmt(*rows.loc[c, ["other_rank", "other_low", "other_high"]]) if c in rows.index else "–" for c in table.index]
+        table[f"{other} − {reference}"] = [fmt(*rows.loc[c, ["shift", "shift_low", "shift_high"]], sign="+") if c in rows.index
+                                           else "–" for c in table.index]
+        s = shift.attrs
+        rho[other] = "–"
+        rho[f"{other} − {reference}"] = f"{s['spearman']:.{digits}f} [{s['spearman_low']:.{digits}f}, {s['spearman_high']:.{digits}f}]"
+    table = table.reindex(index=criterion_order(table.index))
+    table.index = [display_name(c) for c in table.index]
+    table.loc["Spearman ρ (ranking vs the reference)"] = pd.Series(rho)
+    table = table.fillna("–")
+    table.attrs.update(bold=False)
+    return table
+
+
+def rank_shift_verdicts(shifts: Sequence[pd.DataFrame], *, criteria: Sequence[str] = NEW_CRITERIA + ("reap", "frequency")) -> list[str]:
+    """One sentence per `rank_shift` result, computed from its numbers: how far the ranking moves
+    (Spearman's rho, mean |shift|, whether the leader stays) and where the named `criteria` move,
+    with the verdict that the shift's interval excludes zero or not."""
+    sentences = []
+    for shift in shifts:
+        s = shift.attrs
+        words = (f"{s['other']} against {s['reference']} ({SETTING_WORDS.get(s['setting'], s['setting'])}, "
+                 f"{s['ratio']:.0%} removed, {METRIC_WORDS.get(s['metric'], s['metric'])}): Spearman ρ {s['spearman']:.2f} "
+                 f"[{s['spearman_low']:.2f}, {s['spearman_high']:.2f}], mean |shift| {s['mean_abs_shift']:.2f} ranks, "
+                 f"{'the same' if s['same_leader'] else 'a different'} leader.")
+        rows = shift.set_index("criterion")
+        for c in [c for c in criteria if c in rows.index]:
+            r = rows.loc[c]
+            moved = ("moves up" if r["shift_high"] < 0 else "moves down" if r["shift_low"] > 0 else "does not move distinguishably")
+            words += (f" {display_name(c)} {r['reference_rank']:.2f} → {r['other_rank']:.2f}, {moved} "
+                      f"(shift {r['shift']:+.2f} [{r['shift_low']:+.2f}, {r['shift_high']:+.2f}]).")
+        sentences.append(words)
+    return sentences
+
+
 def rank_interval_table(boot: pd.DataFrame, *, digits: int = 2) -> pd.DataFrame:
     """`bootstrap_average_ranks` as criterion rows x (setting, model) columns of "mean [low, high]"."""
     cells = boot.assign(cell=[f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"

@@ -474,3 +474,38 @@ def test_rank_report_leaves_out_a_metric_family_the_suite_lacks():
     df = as_frame([r for r in synthetic_records(seeds=(0, 1), items=20) if r["metric"].startswith("acc")])
     ranks, paired = rank_report(df, model="toy", n=20)
     assert set(ranks["metric"]) == {"accuracy"} and set(paired["metric"]) == {"accuracy"}
+
+
+def test_rank_shift_between_two_models_against_a_hand_computation():
+    """Every item orders a > b > c on model "toy" and c > b > a on model "other": ranks 1, 2, 3 and
+    3, 2, 1 in every replicate, so the shifts are +2, 0, -2 with no width, Spearman's rho is -1
+    and the leader changes; the same model twice shifts nothing and rho is 1."""
+    from moepaper.pipeline.tables import rank_shift, rank_shift_table, rank_shift_verdicts
+
+    ref = _hand_frame({"a": [1.0, 1.0, 1.0], "b": [0.5, 0.5, 0.5], "c": [0.0, 0.0, 0.0]})
+    other = _hand_frame({"a": [0.0, 0.0, 0.0], "b": [0.5, 0.5, 0.5], "c": [1.0, 1.0, 1.0]}).assign(model="other")
+    df = pd.concat([ref, other], ignore_index=True)
+    shift, summary = rank_shift(df, "toy", "other", n=200)
+    rows = shift.set_index("criterion")
+    assert rows["reference_rank"].to_dict() == {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert rows["other_rank"].to_dict() == {"a": 3.0, "b": 2.0, "c": 1.0}
+    assert rows["shift"].to_dict() == {"a": 2.0, "b": 0.0, "c": -2.0}
+    assert (rows["shift_low"] == rows["shift"]).all() and (rows["shift_high"] == rows["shift"]).all()
+    assert summary["spearman"] == -1.0 and summary["spearman_low"] == summary["spearman_high"] == -1.0
+    assert summary["same_leader"] is False and abs(summary["mean_abs_shift"] - 4 / 3) < 1e-12
+    table = rank_shift_table([shift])
+    assert table.loc["a", "other − toy"] == "+2.00 [+2.00, +2.00]"
+    assert table.loc["Spearman ρ (ranking vs the reference)", "other − toy"] == "-1.00 [-1.00, -1.00]"
+    (sentence,) = rank_shift_verdicts([shift], criteria=("a", "b"))
+    assert "Spearman ρ -1.00" in sentence and "a different leader" in sentence
+    assert "a 1.00 → 3.00, moves down" in sentence and "b 2.00 → 2.00, does not move distinguishably" in sentence
+    # a model against an identical copy of itself
+    copy = ref.assign(model="copy")
+    _, same = rank_shift(pd.concat([ref, copy], ignore_index=True), "toy", "copy", n=50)
+    assert same["spearman"] == 1.0 and same["mean_abs_shift"] == 0.0 and same["same_leader"] is True
+    with pytest.raises(ValueError, match="no results of model 'nope'"):
+        rank_shift(df, "toy", "nope", n=10)
+    with pytest.raises(ValueError, match="compare two models"):
+        rank_shift(df, "toy", "toy", n=10)
+    with pytest.raises(ValueError, match="no 'task-specific' results"):
+        rank_shift(df, "toy", "other", setting="task-specific", n=10)
