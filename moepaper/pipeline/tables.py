@@ -1119,6 +1119,31 @@ def rank_shift_verdicts(shifts: Sequence[pd.DataFrame], *, criteria: Sequence[st
     return sentences
 
 
+def write_rank_shifts(groups: Sequence[Sequence[pd.DataFrame]], out_dir: str | Path, name: str) -> list[Path]:
+    """`name`.md: per group of `rank_shift` results (one cell: setting, ratio, metric; one result
+    per other model) a heading, the verdict sentences (`rank_shift_verdicts`) and the table
+    (`rank_shift_table`); `name`.tex: the tables with captions."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, tex = [], []
+    for shifts in groups:
+        s = shifts[0].attrs
+        head = (f"{SETTING_WORDS.get(s['setting'], s['setting']).capitalize()}, {s['ratio']:.0%} removed, "
+                f"{METRIC_WORDS.get(s['metric'], s['metric'])}")
+        caption = (f"{head}: average rank (1 = best) of {s['n_criteria']} criteria on each model, and the shift "
+                   f"other − {s['reference']} (positive = ranks worse on the other model), with {s['level']:.0%} "
+                   f"percentile bootstrap intervals from {s['n']} replicates (items and calibration draws resampled; "
+                   f"the models' replicates independent); last row: Spearman's ρ between the two rankings.")
+        table = rank_shift_table(shifts)
+        md.append(f"**{head}**\n\n" + "\n".join(f"- {v}" for v in rank_shift_verdicts(shifts)) + "\n\n" + to_markdown(table)
+                  + "\n\n" + caption)
+        tex.append(to_latex(table, caption=caption, label=f"tab:{name}:{s['ratio']}:{s['metric']}"))
+    paths = [out_dir / f"{name}.md", out_dir / f"{name}.tex"]
+    paths[0].write_text("\n\n".join(md) + "\n")
+    paths[1].write_text("\n\n".join(tex))
+    return paths
+
+
 def rank_interval_table(boot: pd.DataFrame, *, digits: int = 2) -> pd.DataFrame:
     """`bootstrap_average_ranks` as criterion rows x (setting, model) columns of "mean [low, high]"."""
     cells = boot.assign(cell=[f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"

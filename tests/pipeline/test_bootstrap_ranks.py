@@ -476,11 +476,11 @@ def test_rank_report_leaves_out_a_metric_family_the_suite_lacks():
     assert set(ranks["metric"]) == {"accuracy"} and set(paired["metric"]) == {"accuracy"}
 
 
-def test_rank_shift_between_two_models_against_a_hand_computation():
+def test_rank_shift_between_two_models_against_a_hand_computation(tmp_path):
     """Every item orders a > b > c on model "toy" and c > b > a on model "other": ranks 1, 2, 3 and
     3, 2, 1 in every replicate, so the shifts are +2, 0, -2 with no width, Spearman's rho is -1
     and the leader changes; the same model twice shifts nothing and rho is 1."""
-    from moepaper.pipeline.tables import rank_shift, rank_shift_table, rank_shift_verdicts
+    from moepaper.pipeline.tables import rank_shift, rank_shift_table, rank_shift_verdicts, write_rank_shifts
 
     ref = _hand_frame({"a": [1.0, 1.0, 1.0], "b": [0.5, 0.5, 0.5], "c": [0.0, 0.0, 0.0]})
     other = _hand_frame({"a": [0.0, 0.0, 0.0], "b": [0.5, 0.5, 0.5], "c": [1.0, 1.0, 1.0]}).assign(model="other")
@@ -499,6 +499,9 @@ def test_rank_shift_between_two_models_against_a_hand_computation():
     (sentence,) = rank_shift_verdicts([shift], criteria=("a", "b"))
     assert "Spearman ρ -1.00" in sentence and "a different leader" in sentence
     assert "a 1.00 → 3.00, moves down" in sentence and "b 2.00 → 2.00, does not move distinguishably" in sentence
+    md, tex = write_rank_shifts([[shift]], tmp_path, "shift")
+    assert md.read_text().startswith("**Task-agnostic") and sentence.split(" a 1.00")[0] in md.read_text() and "+2.00 [+2.00, +2.00]" in md.read_text()
+    assert r"25\% removed" in tex.read_text()
     # a model against an identical copy of itself
     copy = ref.assign(model="copy")
     _, same = rank_shift(pd.concat([ref, copy], ignore_index=True), "toy", "copy", n=50)

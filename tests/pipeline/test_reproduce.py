@@ -71,6 +71,8 @@ def test_embedded_plan_collects_every_draw_and_sweeps_named_on_all_and_grid_apar
     assert len(science) == 3 and all(p["model"] == name for p in science)  # 00, its solutions, 03
     # the default model's tables compare both models' rankings; the ablation's do not
     assert tables.get("compare_models") == (["embedded", "embedded-16e"] if name == "embedded" else None)
+    # and set its task-agnostic ranking beside the retrained and the same-shape pooled models'
+    assert tables.get("shift_models") == (["embedded-pooled", "embedded-seed1"] if name == "embedded" else None)
 
 
 def test_seeded_results_land_in_their_own_folder():
