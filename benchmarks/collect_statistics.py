@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/collect_statistics.py [--tokens 4096] [--repeats 5] [--embedded]
 
 Three ways over the same tokens, timed interleaved in one process (the machine is noisy,
-so we report ratios to the plain forward measured in the same run):
+so we report ratios to the plain forward and to the stack measured in the same run):
 - plain:   the model's forward with its default experts implementation (grouped_mm);
+- stack:   the decoder stack alone (`model.base_model`, no LM head), what collection has to run;
 - collect: moepaper.collect_statistics (all moments, routed-only expert outputs);
 - dense:   an observer that runs every expert on every token, as REAP's reference code
            does, accumulating the same norms (pre-hook on each experts module).
@@ -71,6 +72,13 @@ def plain(model, batches):
             model(**b, use_cache=False)
 
 
+def stack(model, batches):
+    """The decoder stack alone (`model.base_model`, no LM head): what collection has to run."""
+    with torch.inference_mode():
+        for b in batches:
+            model.base_model(**b, use_cache=False)
+
+
 def collect(model, batches):
     collect_statistics(model, batches, progress=False)
 
@@ -100,10 +108,10 @@ def dense(model, batches):
             h.remove()
 
 
-MODES = {"plain": plain, "collect": collect, "dense": dense}
+MODES = {"plain": plain, "stack": stack, "collect": collect, "dense": dense}
 
 
-def time_modes(model, batches, repeats: int, modes=("plain", "collect", "dense")) -> dict[str, float]:
+def time_modes(model, batches, repeats: int, modes=("plain", "stack", "collect", "dense")) -> dict[str, float]:
     for m in modes:  # warm-up
         MODES[m](model, batches[:1])
     times = {m: [] for m in modes}
@@ -160,22 +168,24 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     names = list(CONFIGS) + (["embedded"] if args.embedded else [])
-    modes = ("plain", "collect") if args.no_dense else ("plain", "collect", "dense")
+    modes = ("plain", "stack", "collect") if args.no_dense else ("plain", "stack", "collect", "dense")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; tokens per pass {args.tokens}; median of {args.repeats}")
     rows = {}
-    print("| model | plain s | collect / plain (time) | dense / plain (time) | plain peak RSS MiB | collect / plain (peak RSS) | dense / plain (peak RSS) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | plain s | stack / plain (time) | collect / stack (time) | collect / plain (time) | dense / plain (time) "
+          "| plain peak RSS MiB | collect / plain (peak RSS) | dense / plain (peak RSS) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
         model = build(name)
         batches = batches_for(model, args.tokens)
         t = time_modes(model, batches, args.repeats, modes)
-        mem = {m: peak_memory(name, m, args.tokens) for m in modes}
+        mem = {m: peak_memory(name, m, args.tokens) for m in modes if m != "stack"}
         rows[name] = {"time": t, "peak_mib": mem}
         peak = {m: v["peak"] for m, v in mem.items()}
         dense_t = f"{t['dense'] / t['plain']:.2f}x" if "dense" in t else "-"
         dense_m = f"{peak['dense'] / peak['plain']:.2f}x" if "dense" in peak else "-"
-        print(f"| {name} | {t['plain']:.3f} | {t['collect'] / t['plain']:.3f}x | {dense_t} | "
+        print(f"| {name} | {t['plain']:.3f} | {t['stack'] / t['plain']:.3f}x | {t['collect'] / t['stack']:.3f}x | "
+              f"{t['collect'] / t['plain']:.3f}x | {dense_t} | "
               f"{peak['plain']:.0f} | {peak['collect'] / peak['plain']:.3f}x | {dense_m} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:

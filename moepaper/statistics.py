@@ -480,6 +480,9 @@ def collect_statistics(
     token_count, started = 0, time.time()
     was_training = model.training
     model.eval()
+    # The decoder stack only: the statistics live at the experts' inputs and outputs, so the LM head
+    # (hidden x vocabulary per token, a large share of a small model's forward) is not run.
+    backbone = getattr(model, "base_model", None) or model
     try:
         with torch.inference_mode():
             for batch in batches:
@@ -487,7 +490,7 @@ def collect_statistics(
                 attention_mask = batch.get("attention_mask")
                 attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
                 state["valid"] = attention_mask.reshape(-1).bool()
-                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 for rec in recorders:
                     rec.raise_if_nonfinite()
                 n = int(attention_mask.sum())

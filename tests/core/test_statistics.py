@@ -157,12 +157,18 @@ def test_collection_leaves_logits_unchanged(model, batch):
     with torch.no_grad():
         after = model(**batch).logits
     assert torch.equal(before, after)
-    # and during collection the model computes the same logits: observe them
-    seen = []
-    handle = model.register_forward_hook(lambda m, a, o: seen.append(o.logits.detach().clone()))
+    # during collection the decoder stack computes the same hidden states (observed), and the LM
+    # head, which statistics do not need, is not run at all
+    with torch.no_grad():
+        hidden = model.base_model(**batch).last_hidden_state
+    seen, head_calls = [], []
+    handle = model.base_model.register_forward_hook(lambda m, a, o: seen.append(o.last_hidden_state.detach().clone()))
+    head = model.get_output_embeddings().register_forward_hook(lambda m, a, o: head_calls.append(1))
     collect_statistics(model, [batch], progress=False)
     handle.remove()
-    torch.testing.assert_close(seen[0], before, rtol=0, atol=1e-6)
+    head.remove()
+    assert len(seen) == 1 and not head_calls
+    torch.testing.assert_close(seen[0], hidden, rtol=0, atol=1e-6)
 
 
 def test_nonfinite_expert_output_names_layer_and_expert():
