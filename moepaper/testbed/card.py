@@ -56,14 +56,32 @@ def top_experts_share(routing: dict) -> dict:
     return out
 
 
+# The calibration whose statistics give a card's balance: the mixed one, else the first general-domain draw.
+CARD_CALIBRATIONS = {"embedded-mixed": "mixed calibration", "embedded-literature-draw0of3": "general-domain draw 0"}
+
+
 def calibration_counts(name: str, root: Path | None = None):
-    """N_j [L, E] of the model's mixed-calibration statistics, or None when not collected yet."""
-    path = (root or project_root()) / DATA / "statistics" / name / "embedded-mixed.safetensors"
-    if not path.exists():
-        return None, path
+    """(N_j [L, E], path, label) of the model's mixed-calibration statistics, else of its first
+    general-domain draw (`CARD_CALIBRATIONS`); (None, the mixed path, label) when neither is collected."""
+    folder = (root or project_root()) / DATA / "statistics" / name
+    for stem, label in CARD_CALIBRATIONS.items():
+        path = folder / f"{stem}.safetensors"
+        if path.exists():
+            from ..statistics import ExpertStatistics
+
+            return ExpertStatistics.load(path).count.numpy(), path, label
+    return None, folder / "embedded-mixed.safetensors", "mixed calibration"
+
+
+def calibration_sizes(name: str, root: Path | None = None) -> list[str]:
+    """One line per committed statistics file of the model: its calibration draw and token count."""
     from ..statistics import ExpertStatistics
 
-    return ExpertStatistics.load(path).count.numpy(), path
+    lines = []
+    for path in sorted(((root or project_root()) / DATA / "statistics" / name).glob("*.safetensors")):
+        meta = ExpertStatistics.load(path).metadata
+        lines.append(f"| `{path.stem}` | {meta.get('calibration', '?')} | {int(meta.get('token_count', 0)):,} |")
+    return lines
 
 
 def _fmt(values, digits=2) -> str:
@@ -71,7 +89,15 @@ def _fmt(values, digits=2) -> str:
 
 
 def write_card(name: str, root: Path | None = None) -> Path:
-    """Write ``data/models/<name>/README.md`` from the exported files; returns its path."""
+    """Write ``data/models/<name>/README.md`` (`card_text`); returns its path."""
+    root = root or project_root()
+    path = root / DATA / "models" / name / "README.md"
+    path.write_text(card_text(name, root))
+    return path
+
+
+def card_text(name: str, root: Path | None = None) -> str:
+    """The model card of embedded model `name`, from the files training exported and the committed statistics."""
     root = root or project_root()
     folder = root / DATA / "models" / name
     missing = [f for f in ("heldout_metrics.json", "routing.json", "training_config.json") if not (folder / f).exists()]
@@ -81,7 +107,7 @@ def write_card(name: str, root: Path | None = None) -> Path:
     routing = json.loads((folder / "routing.json").read_text())
     cfg = json.loads((folder / "training_config.json").read_text())
     balance_loss = cfg.get("balance", "pooled")
-    counts, stats_path = calibration_counts(name, root)
+    counts, stats_path, label = calibration_counts(name, root)
     test_counts = sum(np.asarray(c, dtype=float) for c in routing["counts"].values())
     num_layers = test_counts.shape[0]
     lines = [
@@ -114,8 +140,8 @@ def write_card(name: str, root: Path | None = None) -> Path:
     rows = []
     if counts is not None:
         b = routing_balance(counts)
-        rows += [f"| least share x E, mixed calibration | {_fmt(b['least_share_times_E'], 3)} |",
-                 f"| normalised entropy, mixed calibration | {_fmt(b['normalised_entropy'], 3)} |"]
+        rows += [f"| least share x E, {label} | {_fmt(b['least_share_times_E'], 3)} |",
+                 f"| normalised entropy, {label} | {_fmt(b['normalised_entropy'], 3)} |"]
         verdict = ("every expert of every layer gets at least 1/(4E) of its layer's routed calibration tokens"
                    if b["meets_min_share"] else
                    "some expert gets less than 1/(4E) of its layer's routed calibration tokens")
@@ -124,7 +150,7 @@ def write_card(name: str, root: Path | None = None) -> Path:
     b = routing_balance(test_counts)
     rows += [f"| least share x E, test split (all domains) | {_fmt(b['least_share_times_E'], 3)} |",
              f"| normalised entropy, test split | {_fmt(b['normalised_entropy'], 3)} |"]
-    lines += [header, rule, *rows, "", f"On the mixed calibration {verdict}.", "",
+    lines += [header, rule, *rows, "", f"On the {label} {verdict}.", "",
               "## Specialisation by domain (test split)", "", header, rule,
               f"| Jensen-Shannon between domains (bits) | {_fmt(routing['js_between_domains_bits'], 3)} |",
               f"| mean top-domain share per expert | {_fmt(routing['mean_top_domain_share'], 2)} |"]
@@ -133,9 +159,13 @@ def write_card(name: str, root: Path | None = None) -> Path:
     lines += ["", "Least share x E: the least-used expert's share of the layer's routed tokens times E "
               "(1 = even). Normalised entropy: H / log E. Top-domain share: for each expert, the largest "
               "share one domain has of its (domain-size-normalised) traffic; 1/3 = shared alike.", ""]
-    path = folder / "README.md"
-    path.write_text("\n".join(lines))
-    return path
+    sizes = calibration_sizes(name, root)
+    if sizes:
+        lines += ["## Calibration statistics committed", "",
+                  "Each file's calibration draw and token count (`data/statistics/" + name + "/`). The general-domain "
+                  "draws `@draw<k>of3` are disjoint (no document in two); seeded draws `@seed<k>` reshuffle one split.", "",
+                  "| file | calibration | tokens |", "|---|---|---|", *sizes, ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,3 +50,17 @@ def test_write_card_from_exported_files(tmp_path):
     assert "| literature | 1.500 |" in text
     assert "calibration statistics not collected yet" in text
     assert "0.600" in text  # least share x E on the test split: 6 / 80 * 8
+
+
+@pytest.mark.parametrize("name", __import__("moepaper.testbed.embedded", fromlist=["x"]).EMBEDDED_MODELS)
+def test_committed_cards_are_up_to_date_and_state_the_draw_sizes(name):
+    """Each committed card is what the generator writes from the committed files (regenerate it with
+    `python -m moepaper.testbed.card <name>` after new statistics), and names each calibration
+    draw with its size."""
+    from moepaper.testbed.card import card_text
+    from moepaper.testbed.embedded import embedded_model_dir
+
+    committed = (embedded_model_dir(name) / "README.md").read_text()
+    assert card_text(name) == committed
+    if name != "embedded-16e":  # the 16-expert ablation has no general-domain draws
+        assert "| `embedded-literature-draw0of3` | embedded:literature@draw0of3" in committed and "| 14,336 |" in committed
