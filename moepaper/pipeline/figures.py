@@ -839,7 +839,7 @@ def plot_transfer(domain_stats, per_layer: pd.DataFrame | None = None, *, domain
     from ..damage import transfer_factors, transfer_table
 
     set_style()
-    first, second = list(domains) if domains is not None else list(domain_stats)[:2]
+    first, second = (list(domains) if domains is not None else list(domain_stats))[:2]
     pair = f"{first.split(':')[-1]} vs {second.split(':')[-1]}"
     if per_layer is None:
         per_layer = transfer_table({first: domain_stats[first], second: domain_stats[second]})[1]
