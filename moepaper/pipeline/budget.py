@@ -1,6 +1,6 @@
 """What the paper route costs on one H100/H200-class GPU: an estimate, not a measurement.
 
-``python -m moepaper.pipeline.budget`` prints the README's budget table: per paper model the
+``python -m moepaper.pipeline.budget`` prints the budget table of docs/gpu.md: per paper model the
 download size, bf16 memory, GPUs needed, calibration time, the number of evaluations in the
 paper's grid, and estimated hours with the HF and the vLLM backend. Every figure comes from
 `paper_models.plan` (exact parameter counts and sizes of the public configs) and the stated
@@ -149,7 +149,7 @@ def estimate(key: str, assumptions: Assumptions = Assumptions()) -> dict:
 
 
 def budget_table(assumptions: Assumptions = Assumptions()) -> str:
-    """The README's budget table (Markdown) and the per-evaluation breakdown below it."""
+    """The budget table of docs/gpu.md (Markdown) and the per-evaluation breakdown below it."""
     rows = [estimate(key, assumptions) for key in PAPER_MODELS]
     gpus = " / ".join(f"{gb} GB" for gb in assumptions.gpu_memory_gb)
     lines = [

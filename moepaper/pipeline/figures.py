@@ -10,7 +10,7 @@ Every figure is drawn to be read when shown `TEXT_WIDTH_CM` (16 cm) wide: no tex
 enlarged before saving (`small_text` lists it; the tests check every figure function draws none).
 - `plot_grid_heatmap`: the whole criterion grid as change from the unpruned model, accuracy
   and bits per byte side by side, rows (alpha, beta), columns b, one diverging scale per report.
-- `plot_score_vs_ratio`: average score against the fraction of experts removed, with standard errors.
+- `plot_score_vs_ratio`: average score per criterion, one panel per fraction of experts removed, with standard errors.
 - `plot_kept_overlap`: Jaccard overlap of the kept expert sets between criteria, per layer.
 - `plot_rank_correlation`: Spearman correlation of criteria's expert scores within layers.
 - `plot_frequency_vs_norm`: routing frequency (log) against mean activation norm, per expert,
@@ -18,6 +18,10 @@ enlarged before saving (`small_text` lists it; the tests check every figure func
 - `plot_damage_correlation`: criteria sorted by their Spearman correlation with measured
   damage (notebook 03), with bootstrap intervals over layers.
 - `plot_rank_intervals`: average ranks with bootstrap intervals, per setting, models side by side.
+- `plot_transfer`: each factor of the score between two calibration domains (notebook 00, §7).
+- `plot_damage_by_expert`: the measured damage of removing each expert, per layer and domain (notebook 03).
+`text_overlaps` and `legend_overlaps_data` find texts drawn over each other and legends drawn over
+data (`save_figure` warns of both; the tests require none of every figure function).
 `write_report` writes every table (`moepaper.pipeline.tables`) and figure of one model.
 """
 
@@ -139,6 +143,90 @@ def enforce_readable(fig) -> int:
     return len(changed)
 
 
+def _renderer(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()  # lays the figure out as saving does
+    return fig.canvas.get_renderer()
+
+
+def _drawn_texts(fig) -> list:
+    """Every text a draw of `fig` puts on the page: titles, axis and tick labels (only ticks inside
+    the view, only of axes that are on), legends, annotations; non-empty and visible."""
+    from matplotlib.text import Text
+
+    drawn, hidden = [], set()
+    for ax in fig.get_axes():
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            tol = 1e-9 * max(abs(hi - lo), 1e-300)
+            shown = ax.axison and axis.get_visible()
+            if not shown:
+                hidden.update({id(axis.label), id(axis.get_offset_text())})
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                for label in (tick.label1, tick.label2):
+                    hidden.add(id(label))  # decided here, not by the generic pass below
+                    loc = tick.get_loc()
+                    if (shown and tick.get_visible() and label.get_visible() and label.get_text().strip()
+                            and loc is not None and lo - tol <= loc <= hi + tol):
+                        drawn.append(label)
+    drawn += [t for t in fig.findobj(Text) if id(t) not in hidden and t.get_visible() and t.get_text().strip()]
+    return list({id(t): t for t in drawn}.values())
+
+
+def _legends(fig) -> list:
+    return list(fig.legends) + [ax.get_legend() for ax in fig.get_axes() if ax.get_legend() is not None] + [
+        legend for sub in fig.subfigs for legend in sub.legends]
+
+
+def text_overlaps(fig, *, tolerance: float = 1.0) -> list[tuple[str, str]]:
+    """Pairs of texts of `fig` whose rendered bounding boxes overlap (by more than `tolerance` pixels
+    both ways): titles, axis and tick labels, legend entries, annotations. Two entries of one legend
+    (laid out by the legend itself) are not compared. Empty for a readable figure."""
+    renderer = _renderer(fig)
+    texts = _drawn_texts(fig)
+    legend_of = {id(t): k for k, legend in enumerate(_legends(fig)) for t in [*legend.get_texts(), legend.get_title()]}
+    boxes = [(t, t.get_window_extent(renderer)) for t in texts]
+    boxes = [(t, b) for t, b in boxes if b.width > 0 and b.height > 0]
+    pairs = []
+    for i, (t, a) in enumerate(boxes):
+        for u, b in boxes[i + 1:]:
+            if id(t) in legend_of and legend_of.get(id(t)) == legend_of.get(id(u)):
+                continue
+            wide = min(a.x1, b.x1) - max(a.x0, b.x0)
+            high = min(a.y1, b.y1) - max(a.y0, b.y0)
+            if wide > tolerance and high > tolerance:
+                pairs.append((t.get_text(), u.get_text()))
+    return pairs
+
+
+def legend_overlaps_data(fig) -> list[tuple[str, str]]:
+    """(legend, axes title) for every legend of `fig` drawn over data of an axes: a marker, a scatter
+    point or a bar. Lines without markers (reference lines, error bars) do not count."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle as Box
+
+    renderer = _renderer(fig)
+    found = []
+    for legend in _legends(fig):
+        box = legend.get_window_extent(renderer)
+        name = legend.get_title().get_text() or ", ".join(t.get_text() for t in legend.get_texts()[:2])
+        for ax in fig.get_axes():
+            points = [ax.transData.transform(np.column_stack(line.get_data()).astype(float)) for line in ax.lines
+                      if isinstance(line, Line2D) and line.get_visible() and line.get_marker() not in (None, "", "None", " ")]
+            points += [c.get_offset_transform().transform(c.get_offsets()) for c in ax.collections
+                       if c.get_visible() and len(c.get_offsets()) and type(c).__name__ == "PathCollection"]
+            hit = any(((p[:, 0] > box.x0) & (p[:, 0] < box.x1) & (p[:, 1] > box.y0) & (p[:, 1] < box.y1)).any()
+                      for p in points if len(p))
+            hit = hit or any(patch.get_visible() and patch.get_height() != 0 and patch.get_window_extent(renderer).overlaps(box)
+                             for patch in ax.patches if isinstance(patch, Box))
+            if hit:
+                found.append((name, ax.get_title()))
+    return found
+
+
 def criterion_color(name: str) -> str:
     if name in PALETTE:
         return PALETTE[name]
@@ -153,11 +241,18 @@ def save_figure(fig, name: str, out_dir: str | Path) -> list[Path]:
     """Save `fig` as `name`.png (150 dpi) and `name`.pdf under `out_dir`, readable at 16 cm wide.
 
     Text under the readable minimum (`min_font_size` of the saved width) is enlarged first
-    (`enforce_readable`), so no saved figure has text under 9 pt when shown 16 cm wide.
+    (`enforce_readable`), so no saved figure has text under 9 pt when shown 16 cm wide. Enlarging
+    text can make it collide: a warning names any texts that overlap (`text_overlaps`) and any
+    legend drawn over data (`legend_overlaps_data`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     enforce_readable(fig)
+    clashes = text_overlaps(fig) + [(f"legend {a!r}", f"data of {b!r}") for a, b in legend_overlaps_data(fig)]
+    if clashes:
+        import warnings
+
+        warnings.warn(f"save_figure {name}: {len(clashes)} overlaps of text or legend: {clashes[:4]}", stacklevel=2)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     fig.savefig(paths[0], dpi=150, bbox_inches="tight", pad_inches=PAD_INCHES)
     fig.savefig(paths[1], bbox_inches="tight", pad_inches=PAD_INCHES,
@@ -320,11 +415,15 @@ def grid_caption(df: pd.DataFrame, table: pd.DataFrame, changes: pd.DataFrame) -
 
 def plot_score_vs_ratio(df: pd.DataFrame, *, model: str | None = None, calibration: str,
                         criteria: Sequence[str] | None = None, benchmarks: Sequence[str] | None = None):
-    """Average score against the fraction of experts removed, one line and marker per criterion (0 = unpruned).
+    """Average score of each criterion at each fraction of experts removed: one panel per ratio.
 
-    Error bars: one standard error of the average (`accuracy_stderr`, from each benchmark's item
-    count); the criteria are spread slightly along x so the bars do not hide each other.
+    A panel is one ratio exactly (no criteria spread along a ratio axis): a row per criterion, its
+    mean accuracy (dot) and one standard error either side (`accuracy_stderr`, from each benchmark's
+    item count); the unpruned model is the dashed line with its standard error shaded, in every
+    panel. The panels share their score axis, so the drop from one ratio to the next reads across.
     """
+    from matplotlib.ticker import MaxNLocator
+
     set_style()
     pruned, unpruned = _select(df, model, calibration, None)
     ratios = sorted(pruned["ratio"].unique())
@@ -338,27 +437,33 @@ def plot_score_vs_ratio(df: pd.DataFrame, *, model: str | None = None, calibrati
     if criteria is None:
         criteria = [c for c in names if c in CRITERIA or c in (MONE.name, MONE_RANKING.name, AIMER.name)]
     criteria = [c for c in criteria if c in frame.index]
-    fig = Figure(figsize=(FIGURE_WIDTH, 5.2), layout="constrained")
-    ax = fig.subplots()
-    step = 100 * (ratios[-1] if ratios else 0.5) / 40  # x spread between criteria, percentage points
-    if base is not None:
-        ax.errorbar([0.0], [base], yerr=[base_error], marker="*", markersize=12, color=criterion_color(UNPRUNED), capsize=3,
-                    linestyle="none", label=display_name(UNPRUNED), zorder=4)
-    for k, name in enumerate(criteria):
-        shift = (k - (len(criteria) - 1) / 2) * step
-        xs = ([0.0] if base is not None else []) + [100 * r + shift for r in ratios]
-        ys = ([base] if base is not None else []) + [frame.loc[name, r] for r in ratios]
-        es = ([0.0] if base is not None else []) + [errors.loc[name, r] for r in ratios]
-        strong = name in NEW_CRITERIA
-        ax.errorbar(xs, ys, yerr=es, marker=MARKERS[k % len(MARKERS)], markersize=7 if strong else 6, capsize=2.5,
-                    color=criterion_color(name), label=display_name(name), linewidth=2.4 if strong else 1.3,
-                    zorder=3 if strong else 2, markeredgecolor="black", markeredgewidth=0.5)
-    ax.set_xlabel("experts removed per MoE layer (%)")
-    ax.set_xticks([0.0] + [100 * r for r in ratios])
+    fig = Figure(figsize=(FIGURE_WIDTH, 0.3 * len(criteria) + 1.9), layout="constrained")
+    axes = fig.subplots(1, max(len(ratios), 1), sharex=True, sharey=True, squeeze=False)[0]
+    y = {name: len(criteria) - 1 - k for k, name in enumerate(criteria)}  # the paper's order, top to bottom
+    for ax, ratio in zip(axes, ratios):
+        if base is not None:
+            if not pd.isna(base_error):
+                ax.axvspan(base - base_error, base + base_error, color=criterion_color(UNPRUNED), alpha=0.12, linewidth=0)
+            ax.axvline(base, color=criterion_color(UNPRUNED), linestyle="--", linewidth=1.2)
+        for k, name in enumerate(criteria):
+            strong = name in NEW_CRITERIA
+            ax.errorbar([frame.loc[name, ratio]], [y[name]], xerr=[errors.loc[name, ratio]], marker=MARKERS[k % len(MARKERS)],
+                        markersize=7 if strong else 6, capsize=2.5, linestyle="none", color=criterion_color(name),
+                        elinewidth=2.2 if strong else 1.3, markeredgecolor="black", markeredgewidth=0.5, zorder=3)
+        ax.set_title(f"{ratio:.0%} of experts removed")
+        ax.grid(axis="y", visible=False)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    axes[0].set_yticks(list(y.values()), [display_name(c) for c in y])
+    for label, name in zip(axes[0].get_yticklabels(), y):
+        if name in NEW_CRITERIA:
+            label.set_fontweight("bold")
+    axes[0].set_ylim(-0.6, len(criteria) - 0.4)
     averaged = averages_of(df, model=model, calibration=calibration, ratio=ratios[0], benchmarks=benchmarks)
-    ax.set_ylabel(f"mean accuracy (points)\nof {averaged}")
-    ax.set_title(f"{pruned['model'].iloc[0]}: {short_calibration(calibration)} calibration; bars: ±1 standard error")
-    fig.legend(loc="outside lower center", ncol=4)
+    unpruned_note = "" if base is None else (f"\ndashed: {display_name(UNPRUNED).lower()} model, {base:.1f}"
+                                             + ("" if pd.isna(base_error) else f" ± {base_error:.1f} (shaded)"))
+    # one caption under the panels, not a legend: a figure legend and a supxlabel are laid out on top of each other
+    fig.supxlabel(f"mean accuracy (points) of {averaged}; bars: ±1 standard error{unpruned_note}", fontsize=10)
+    fig.suptitle(f"{pruned['model'].iloc[0]}: {short_calibration(calibration)} calibration")
     return fig
 
 
@@ -522,8 +627,11 @@ def _matrix_panels(values: np.ndarray, stats: ExpertStatistics, criteria, layers
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.9, 1.0])
     ax = top.subplots()
     ax.grid(False)
-    sns.heatmap(np.nanmean(values, axis=0), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, annot=len(names) <= 10,
-                fmt=".2f", annot_kws={"fontsize": 9.5}, xticklabels=names, yticklabels=names, cbar_kws={"shrink": 0.8})
+    mean = np.nanmean(values, axis=0)
+    # ".68", "-.12", "1": a cell 9 criteria wide holds three characters at 9.5 pt, not "0.68"
+    cells = np.vectorize(lambda v: "" if np.isnan(v) else "1" if v >= 0.995 else f"{v:.2f}".replace("0.", ".", 1))(mean)
+    sns.heatmap(mean, ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, annot=cells if len(names) <= 10 else False,
+                fmt="", annot_kws={"fontsize": 9.5}, xticklabels=names, yticklabels=names, cbar_kws={"shrink": 0.8})
     ax.tick_params(axis="x", labelrotation=90)
     ax.set_title("mean over all MoE layers")
     axes = bottom.subplots(1, len(positions), squeeze=False)[0]
@@ -549,6 +657,30 @@ def plot_rank_correlation(stats: ExpertStatistics, criteria=None, *, layers: Seq
     rho = rank_correlation(stats, criteria)
     return _matrix_panels(rho, stats, criteria, layers, _stats_title(stats, "Spearman correlation of expert scores within layers"),
                           -1.0, 1.0, "vlag")
+
+
+def readable_log_axis(axis, *, most: int = 6) -> None:
+    """Tick a log axis so a reader can read values off it: plain numbers ("0.05", "0.1", "0.2") at
+    the densest of 1-1.5-2-3-4-5-6-8, 1-2-3-5, 1-2-5 and 1 steps per power of ten that puts at most
+    `most` labels in view (a log axis of 0.05-0.2 otherwise shows one or two labels)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    axis.axes.autoscale_view()  # the limits the data give, before the ticks are chosen for them
+    lo, hi = sorted(v for v in axis.get_view_interval())
+    if not (lo > 0 and hi > lo):
+        return
+    ticks = []
+    for subs in ((1, 1.5, 2, 3, 4, 5, 6, 8), (1, 2, 3, 5), (1, 2, 5), (1,)):
+        ticks = [s * 10.0**d for d in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+                 for s in subs if lo <= s * 10.0**d <= hi]
+        if len(ticks) <= most:
+            break
+    if len(ticks) > most:  # many decades: every k-th power of ten
+        ticks = ticks[:: int(np.ceil(len(ticks) / most))]
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_minor_locator(LogLocator(base=10, subs=np.arange(2, 10) * 1.0, numticks=12))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 KEPT_COLORS = {  # plot_frequency_vs_norm: which of Frequency and MAN keeps an expert (Okabe-Ito colours)
@@ -605,6 +737,7 @@ def plot_frequency_vs_norm(stats: ExpertStatistics, *, ratio: float | None = 0.5
         ax.scatter(part["shown"], part["MAN"], s=30, color=KEPT_COLORS.get(kind, "#0072B2"), marker=KEPT_MARKERS.get(kind, "o"),
                    label=f"{kind} ({len(part)})", edgecolors="white", linewidths=0.4, alpha=0.9)
     ax.set_xscale("log")
+    readable_log_axis(ax.xaxis)
     rhos = [spearmanr(frequency[l, : stats.num_experts[l]], man[l, : stats.num_experts[l]]).statistic for l in range(stats.num_layers)]
     ax.set_xlabel("routing frequency N_j / N (share of the layer's tokens, log scale)"
                   + (f"; {never} never routed, at the left edge" if never else ""))
@@ -678,6 +811,129 @@ def plot_damage_correlation(correlations: pd.DataFrame, *, measure: str = "loss_
     axes[0].set_ylim(-0.7, len(order) - 0.3)
     what = measure.replace("_", " ")
     fig.suptitle(title or f"criterion score vs measured damage ({what}):\nmean within-layer ρ, 95% bootstrap interval")
+    return fig
+
+
+TRANSFER_SHOWN = {  # plot_transfer: quantity of `moepaper.damage.transfer_factors` -> short name
+    "routing frequency": "routing frequency",
+    "mean gate S(1,1,0)": "mean gate",
+    "MAN S(1,0,1)": "MAN",
+    "MSAN S(1,0,2)": "MSAN",
+    "S(0,2,2)/N": "S(0,2,2)/N",
+}
+
+
+def plot_transfer(domain_stats, per_layer: pd.DataFrame | None = None, *, domains: Sequence[str] | None = None,
+                  scattered: Sequence[str] = ("routing frequency", "mean gate S(1,1,0)", "MAN S(1,0,1)")):
+    """Does each factor of the score rank experts alike on two calibration domains? (notebook 00, §7)
+
+    Top: one panel per factor in `scattered`, every expert of every MoE layer at (its value on the
+    first domain, its value on the second), the diagonal dashed; the title gives the mean
+    within-layer Spearman ρ. Bottom: that ρ per layer for each quantity of `TRANSFER_SHOWN`.
+    domain_stats: calibration source -> `ExpertStatistics` (the first two, or `domains`, are compared);
+    per_layer: `moepaper.damage.transfer_table`'s per-layer ρ (computed here when None).
+    """
+    import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
+
+    from ..damage import transfer_factors, transfer_table
+
+    set_style()
+    first, second = (list(domains) if domains is not None else list(domain_stats))[:2]
+    pair = f"{first.split(':')[-1]} vs {second.split(':')[-1]}"
+    if per_layer is None:
+        per_layer = transfer_table({first: domain_stats[first], second: domain_stats[second]})[1]
+    rows = per_layer[per_layer["pair"] == pair]
+    stats = domain_stats[first]
+    fa, fb = transfer_factors(stats), transfer_factors(domain_stats[second])
+    E = min(stats.num_experts)
+    fig = Figure(figsize=(FIGURE_WIDTH, 6.6), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.2, 1.0])
+    axes = top.subplots(1, len(scattered))
+    colors = sns.color_palette("crest", len(stats.layers))
+    for ax, name in zip(np.atleast_1d(axes), scattered):
+        a, b = fa[name][:, :E].numpy(), fb[name][:, :E].numpy()  # (L, E)
+        for l in range(len(a)):
+            ax.scatter(a[l], b[l], s=10, color=colors[l], label=f"layer {stats.layers[l]}", linewidths=0)
+        both = np.concatenate([a.ravel(), b.ravel()])
+        if name == "routing frequency" and (both > 0).any():  # frequencies span orders of magnitude
+            low = both[both > 0].min() / 1.5
+            ax.set(xscale="log", yscale="log", xlim=(low, both.max() * 1.5), ylim=(low, both.max() * 1.5))
+            readable_log_axis(ax.xaxis, most=3)
+            readable_log_axis(ax.yaxis, most=4)
+            ends = [low, both.max() * 1.5]
+        else:
+            ends = [both.min(), both.max()]
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.plot(ends, ends, color="#999999", linestyle="--", linewidth=1)
+        rho = rows[rows["quantity"] == name]["rho"].mean()
+        ax.set_title(f"{TRANSFER_SHOWN.get(name, name)}\nρ = {rho:.2f}")
+        ax.tick_params(axis="x", labelrotation=0)
+    np.atleast_1d(axes)[0].set_ylabel(f"on {second.split(':')[-1]}")
+    top.supxlabel(f"value on {first.split(':')[-1]} (each dot an expert; dashed: equal)", fontsize=10)
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    top.legend(handles, labels, loc="outside right", markerscale=1.6, handletextpad=0.2)
+    ax = bottom.subplots()
+    bars = rows[rows["quantity"].isin(TRANSFER_SHOWN)]
+    quantities = [q for q in TRANSFER_SHOWN if q in set(bars["quantity"])]
+    layers = sorted(bars["layer"].unique())
+    width = 0.8 / max(len(quantities), 1)
+    palette = sns.color_palette("colorblind", len(quantities))
+    for k, quantity in enumerate(quantities):
+        part = bars[bars["quantity"] == quantity].set_index("layer").reindex(layers)
+        ax.bar(np.arange(len(layers)) + (k - (len(quantities) - 1) / 2) * width, part["rho"], width=width, color=palette[k],
+               label=TRANSFER_SHOWN[quantity], linewidth=0)
+    ax.axhline(0, color="#555555", linewidth=0.8)
+    ax.set_xticks(range(len(layers)), [str(l) for l in layers])
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel(f"Spearman ρ, {pair}")
+    ax.set_ylim(min(-0.1, float(bars["rho"].min()) - 0.05) if len(bars) else -0.1, 1.05)
+    ax.grid(axis="x", visible=False)
+    ax.set_title("does the ranking of experts transfer? (per layer)")
+    bottom.legend(loc="outside right", handlelength=1.0)
+    model = Path(stats.metadata.get("model_name") or "").name
+    fig.suptitle(f"{model + ': ' if model else ''}the score's factors on two calibration domains ({pair})")
+    return fig
+
+
+def plot_damage_by_expert(frame: pd.DataFrame, *, measure: str = "loss_change", label_every: int = 8):
+    """The measured damage of removing each expert alone (notebook 03): one row per layer, the
+    evaluation domains' bars side by side per expert, every `label_every`-th expert labelled.
+
+    frame: `ExpertDamage.to_frame()` rows with an ``evaluation`` column (one frame per domain, concatenated).
+    """
+    import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
+
+    set_style()
+    layers = sorted(frame["layer"].unique())
+    domains = list(dict.fromkeys(frame["evaluation"])) if "evaluation" in frame else [None]
+    E = int(frame["expert"].max()) + 1
+    fig = Figure(figsize=(FIGURE_WIDTH, 1.3 * len(layers) + 1.3), layout="constrained")
+    axes = fig.subplots(len(layers), 1, sharex=True, squeeze=False)[:, 0]
+    width = 0.85 / len(domains)
+    palette = sns.color_palette("colorblind", len(domains))
+    for ax, layer in zip(axes, layers):
+        part = frame[frame["layer"] == layer]
+        for k, domain in enumerate(domains):
+            rows = (part if domain is None else part[part["evaluation"] == domain]).sort_values("expert")
+            ax.bar(rows["expert"] + (k - (len(domains) - 1) / 2) * width, rows[measure], width=width, color=palette[k],
+                   label=domain, linewidth=0)
+        ax.axhline(0, color="#555555", linewidth=0.6)
+        ax.set_ylabel(f"layer {layer}")
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=3))
+        ax.grid(axis="x", visible=False)
+    axes[-1].set_xticks(range(0, E, label_every))
+    axes[-1].set_xlim(-0.7, E - 0.3)
+    axes[-1].set_xlabel(f"expert (index within its layer; every {label_every}th labelled)" if E > label_every else "expert")
+    what = {"loss_change": "loss change (nats/token)", "output_sq": "mean ||Δy||²",
+            "relative_output_sq": "output error / ||y||²"}.get(measure, measure.replace("_", " "))
+    fig.supylabel(what, fontsize=10)
+    fig.suptitle("damage of removing one expert, by evaluation domain")
+    if domains != [None]:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=len(domains), title="evaluation domain")
     return fig
 
 

@@ -1,6 +1,6 @@
 """`python -m moepaper.testbed.train`: train the embedded default model.
 
-A small Qwen3MoeForCausalLM (4 layers, 16 experts, top-2) and its byte-level BPE tokenizer,
+A small Qwen3MoeForCausalLM (4 layers, 64 experts of width 32, top-8 by default) and its byte-level BPE tokenizer,
 trained on the train splits of the three corpus domains (`moepaper.testbed.corpus`), equal
 shares per domain. Resumable: the checkpoint and optimizer state live in
 `runs/train_embedded/` (git-ignored) and a rerun continues from it. Training stops when

@@ -1,4 +1,4 @@
-"""The GPU budget: its grid is the `paper` configuration of moepaper.reproduce, and the README shows its table."""
+"""The GPU budget: its grid is the `paper` configuration of moepaper.reproduce, and docs/gpu.md shows its table."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ from moepaper.pipeline import budget
 from moepaper.pipeline.evaluation import PAPER_BENCHMARKS
 from moepaper.reproduce import CONFIGS
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+GPU_DOC = Path(__file__).resolve().parents[2] / "docs" / "gpu.md"
 
 
 def test_grid_counts_match_the_paper_configuration():
@@ -36,6 +36,6 @@ def test_estimate_is_consistent():
     assert row["tokens_per_s"]["vllm"] > row["tokens_per_s"]["hf"]
 
 
-def test_readme_shows_the_computed_table():
+def test_gpu_doc_shows_the_computed_table():
     table = budget.budget_table()
-    assert table in README.read_text(), "README's budget table is stale: paste `python -m moepaper.pipeline.budget`"
+    assert table in GPU_DOC.read_text(), "docs/gpu.md's budget table is stale: paste `python -m moepaper.pipeline.budget`"
