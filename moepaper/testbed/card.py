@@ -150,7 +150,10 @@ def card_text(name: str, root: Path | None = None) -> str:
     b = routing_balance(test_counts)
     rows += [f"| least share x E, test split (all domains) | {_fmt(b['least_share_times_E'], 3)} |",
              f"| normalised entropy, test split | {_fmt(b['normalised_entropy'], 3)} |"]
-    lines += [header, rule, *rows, "", f"On the {label} {verdict}.", "",
+    where = label if label == "mixed calibration" else (
+        f"{label} (one domain's text, so experts that serve the other domains get few of its tokens; "
+        "the test-split rows, all domains, are the balance comparable across models)")
+    lines += [header, rule, *rows, "", f"On the {where} {verdict}.", "",
               "## Specialisation by domain (test split)", "", header, rule,
               f"| Jensen-Shannon between domains (bits) | {_fmt(routing['js_between_domains_bits'], 3)} |",
               f"| mean top-domain share per expert | {_fmt(routing['mean_top_domain_share'], 2)} |"]

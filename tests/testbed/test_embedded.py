@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moepaper.testbed import corpus
-from moepaper.testbed.embedded import EMBEDDED_MODELS, REGENERATE, TO_TRAIN, embedded_model_dir, load_embedded_model
+from moepaper.testbed.embedded import EMBEDDED_MODELS, REGENERATE, SAME_RECIPE, TO_TRAIN, embedded_model_dir, load_embedded_model
 from moepaper.testbed.tasks import CHANCE, LOCAL_GROUP, LOCAL_TASKS, MC_TASKS, PPL_TASKS, TASKS_DIR, task_manager
 from moepaper.testbed.tasks.local import loaders
 
@@ -128,7 +128,7 @@ def test_regeneration_commands_parse_and_name_each_shape():
     original = train.train
     try:
         train.train = lambda cfg, run_dir=None, out_dir=None, fresh=False: seen.update(cfg=cfg, out_dir=out_dir)
-        for name in EMBEDDED_MODELS:
+        for name in [m for m in EMBEDDED_MODELS if m not in SAME_RECIPE]:
             argv = shlex.split(REGENERATE[name])[3:]  # after "python -m moepaper.testbed.train"
             train.main(argv)
             cfg = seen["cfg"]
@@ -141,7 +141,7 @@ def test_regeneration_commands_parse_and_name_each_shape():
             else:
                 assert cfg.balance == "per_layer" and seen["out_dir"] is None  # default: data/models/embedded
         default = json.loads((require("embedded") / "training_config.json").read_text())
-        for name in TO_TRAIN:  # the same-recipe models: the default's configuration but for one thing
+        for name in SAME_RECIPE:  # the same-recipe models: the default's configuration but for one thing
             train.main(shlex.split(REGENERATE[name])[3:])
             cfg = seen["cfg"]
             assert Path(seen["out_dir"]) == Path(f"data/models/{name}")
@@ -168,7 +168,7 @@ def test_models_to_train_name_their_command(tmp_path):
 
 
 def test_unknown_embedded_model_is_named():
-    with pytest.raises(ValueError, match=r"unknown embedded model 'embedded-64'.*embedded, embedded-16e, embedded-pooled, embedded-seed1"):
+    with pytest.raises(ValueError, match=r"unknown embedded model 'embedded-64'.*embedded, embedded-16e, embedded-seed1, embedded-pooled"):
         load_embedded_model("embedded-64")
     with pytest.raises(ValueError, match="unknown embedded model"):
         embedded_model_dir("nope")
@@ -262,3 +262,21 @@ def test_lm_eval_runs_local_suite_offline(embedded, tmp_path, monkeypatch):
         assert 0.0 <= results[task]["acc,none"] <= 1.0
         assert output["n-samples"][task]["effective"] == 3
     assert TASKS_DIR.is_relative_to(Path(loaders.__file__).parent)  # shipped inside the package, not read from the cwd
+
+
+@pytest.mark.parametrize("name", [m for m in SAME_RECIPE if m in EMBEDDED_MODELS])
+def test_same_recipe_models_differ_from_the_default_in_one_thing(name):
+    """The committed training configuration of each same-recipe model is the default's but for
+    its one change (the stopping rule aside: a step count instead of a clock), and it trained the
+    default's steps and tokens; its card gives training time, tokens, held-out bits per byte and balance."""
+    default = json.loads((require("embedded") / "training_config.json").read_text())
+    trained = json.loads((require(name) / "training_config.json").read_text())
+    stopping = {"budget_minutes", "max_steps", "patience"}
+    differ = {k: trained.get(k) for k in default if trained.get(k) != default[k] and k not in stopping}
+    assert differ == {"embedded-pooled": {"balance": "pooled"}, "embedded-seed1": {"seed": 1}}[name]
+    metrics = json.loads((require(name) / "heldout_metrics.json").read_text())
+    reference = json.loads((require("embedded") / "heldout_metrics.json").read_text())
+    assert metrics["steps"] == reference["steps"] == 1792 and metrics["tokens_seen"] == reference["tokens_seen"]
+    card = (require(name) / "README.md").read_text()
+    for words in ("bits per byte", "least share", str(metrics["steps"])):
+        assert words in card, words
