@@ -263,8 +263,9 @@ def damage_correlation(
 
 def calibration_setting(calibration: str, evaluation: str) -> str:
     """``"matched"`` when calibration and evaluation share a domain, ``"mixed"`` for a mixed
-    calibration, else ``"mismatched"`` (``"embedded:code"`` vs ``"code"`` is matched)."""
-    domain = calibration.split(":")[-1]
+    calibration, else ``"mismatched"`` (``"embedded:code"`` vs ``"code"`` is matched; a draw's
+    or seed's suffix does not count: ``"embedded:literature@draw0of3"`` vs ``"literature"`` is matched)."""
+    domain = calibration.split("@")[0].split(":")[-1]
     return "matched" if domain == evaluation.split(":")[-1] else "mixed" if domain == "mixed" else "mismatched"
 
 

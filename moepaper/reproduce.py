@@ -78,6 +78,7 @@ from .project import DATA, FIGURES, NOTEBOOKS, RUNS, is_checkout, project_root
 KERNEL_NAME = "moepaper"  # the kernel every notebook names; installed inside the virtual environment
 HTML_DIR = "docs/notebooks"  # rendered copies of the embedded configuration's executed notebooks
 SOLUTIONS = "00_formulation_solutions.ipynb"  # the exercises of 00, solved; runs with 00's parameters
+MEASURING = ("00_formulation.ipynb", "03_damage_check.ipynb")  # they store their costly measurements (`pipeline.measurements`)
 
 
 @dataclass
@@ -190,7 +191,10 @@ def _embedded_config(name: str, grid_calibrations: list[str], compare_models: tu
         statistics_dir=f"{DATA}/statistics",
         results_dir=f"{DATA}/results/named",
         figures_dir=FIGURES,
-        science=dict(model=name, figures_dir="figures"),
+        science=dict(model=name, figures_dir="figures", measurements_dir=f"{DATA}/measurements",
+                     # notebook 03 also checks the task-agnostic setting's first general-domain draw, with its committed statistics
+                     general_statistics={draw: f"{DATA}/statistics/{slug(name)}/{slug(draw)}.safetensors"
+                                         for draw in disjoint_draws("embedded:literature", N_DISJOINT_DRAWS)[:1]} if general else {}),
         run_science=science,
         grid_results_dir=f"{DATA}/results/grid" if grid_calibrations else None,
         compare_models=compare_models,
@@ -231,7 +235,7 @@ def _configs() -> dict[str, RunConfig]:
             statistics_dir=f"{RUNS}/tiny/statistics",
             results_dir=f"{RUNS}/tiny/results",
             figures_dir=f"{RUNS}/tiny/figures",
-            science=dict(model="tiny:qwen3_moe"),
+            science=dict(model="tiny:qwen3_moe", measurements_dir=f"{RUNS}/tiny/measurements", general_statistics={}),
         ),
     }
 
@@ -520,8 +524,9 @@ def plan(config: RunConfig, root: Path, *, allow_code_execution: bool = False) -
                                    **{**m.evaluate, **s.evaluate},
                                    **({"allow_code_execution": True} if allow_code_execution else {}))))
     if config.run_science:
-        steps.append(("00_formulation.ipynb", out / "00_formulation.ipynb", dict(config.science)))
-        steps.append((SOLUTIONS, out / SOLUTIONS, dict(config.science)))
+        formulation = {k: v for k, v in config.science.items() if k != "general_statistics"}  # a parameter of 03 only
+        steps.append(("00_formulation.ipynb", out / "00_formulation.ipynb", formulation))
+        steps.append((SOLUTIONS, out / SOLUTIONS, dict(formulation)))
         steps.append(("03_damage_check.ipynb", out / "03_damage_check.ipynb", dict(config.science)))
     for m in config.models:
         steps.append(("04_tables_and_figures.ipynb", out / f"04__{slug(m.name)}.ipynb",
@@ -549,7 +554,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run HumanEval(+) / MBPP(+), which execute model-written code (else recorded as 'not run')")
     parser.add_argument("--only", nargs="+", help="run only these notebooks: file names, names without .ipynb "
                                                   "or numbers (04_tables_and_figures.ipynb, 04_tables_and_figures, 04)")
-    parser.add_argument("--force", action="store_true", help="re-execute notebooks already done (results on disk are still reused)")
+    parser.add_argument("--force", action="store_true",
+                        help="re-execute notebooks already done, and measure again what 00 and 03 store under data/measurements "
+                             "(results and statistics on disk are still reused)")
     parser.add_argument("--list", action="store_true", help="print the steps and exit")
     parser.add_argument("--root", type=Path, default=None,
                         help="the checkout to read from and write to (default: the one holding the current directory)")
@@ -582,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
               f"executed copies in {RUNS}/{config.name}/")
         for i, (notebook, output, parameters) in enumerate(steps, 1):
             print(f"[{i}/{len(steps)}] {notebook}", flush=True)
+            if args.force and notebook in MEASURING:  # their stored measurements are taken again too
+                parameters = {**parameters, "force": True}
             run_notebook(notebook, output, parameters, root=root, force=args.force)
             if config.html_dir and wants_html(output):
                 html = root / config.html_dir / output.with_suffix(".html").name

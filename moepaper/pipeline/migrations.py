@@ -31,12 +31,26 @@ over the moved results evaluates nothing). The 16-expert ablation moved from
 same-shape ablation:
 
     python -m moepaper.pipeline.migrations --rename-model embedded-pooled embedded-16e . [--apply]
+
+`compact_results(results_dir)`: every record under `results_dir` rewritten in the compact format
+(`results.write_result`): per-item lists on one line, float32 values at the precision they carry,
+and a record whose items equal those of the record it was reused from
+(``provenance.same_kept_experts_as``, followed to the first record that holds them) references
+them (``items_from``) instead of copying them. A record whose source's items differ (the source
+was re-evaluated since) keeps its own. Every record is checked to read back equal to what it
+was (values and items bit for bit) before it is written, and each model folder is written under
+its results lock. Idempotent: it can run again on a folder that mixes both formats (new sweeps
+of an older writer), and rewrites only what changes:
+
+    python -m moepaper.pipeline.migrations --compact data/results/named data/results/grid [--apply]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 from ..criteria import MONE_RANKING, expert_scores
@@ -44,7 +58,8 @@ from ..pruning import select_experts
 from ..statistics import ExpertStatistics
 from .keys import slug
 from .calibration import parse_calibration_name
-from .results import SETTINGS, read_result, results_lock, write_json_atomic
+from .results import (ITEMS_FROM, SETTINGS, SETTINGS_FILE, format_result, items_digest, read_result, resolve_items,
+                      results_lock, write_json_atomic, write_result)
 
 OLD, NEW = "mone", MONE_RANKING.name
 
@@ -85,7 +100,7 @@ def rename_mone_ranking(results_dir: str | Path, statistics_dir: str | Path, *, 
         report["renamed"].append(str(folder))
         if apply:
             for path, record in records.items():
-                write_json_atomic(path, {**record, "criterion": NEW, "replacement": "reroute"})
+                write_result(path, {**record, "criterion": NEW, "replacement": "reroute"}, record.get(ITEMS_FROM))
             shutil.move(str(folder), str(target))
     return report
 
@@ -110,7 +125,7 @@ def relabel_setting(results_dir: str | Path, source: str, setting: str, *, apply
         if apply and changes:
             with results_lock(model_dir):
                 for path, record in changes:
-                    write_json_atomic(path, {**record, "setting": setting})
+                    write_result(path, {**record, "setting": setting}, record.get(ITEMS_FROM))
     report["unchanged"] = [str(p) for p, _ in report["unchanged"]]
     return report
 
@@ -150,9 +165,12 @@ def rename_model(root: str | Path, old: str, new: str, *, apply: bool = False) -
             same = provenance.get("same_kept_experts_as")
             if isinstance(same, str) and same.startswith(f"{old}/"):
                 provenance["same_kept_experts_as"] = f"{new}/" + same[len(old) + 1:]
+            reference = record.get(ITEMS_FROM)
+            if reference and str(reference.get("path", "")).startswith(f"{old}/"):
+                reference = {**reference, "path": f"{new}/" + reference["path"][len(old) + 1:]}
             report["records"].append(str(path))
             if apply:
-                write_json_atomic(path, {**record, "model": new, "provenance": provenance})
+                write_result(path, {**record, "model": new, "provenance": provenance}, reference)
         for path in sorted(source.glob("*.safetensors")):
             if source.parent.name != "statistics":
                 continue
@@ -168,6 +186,59 @@ def rename_model(root: str | Path, old: str, new: str, *, apply: bool = False) -
     return report
 
 
+def _comparable(record: dict) -> str:
+    return json.dumps({k: v for k, v in record.items() if k != ITEMS_FROM}, sort_keys=True, allow_nan=True)
+
+
+def compact_results(results_dir: str | Path, *, apply: bool = False) -> dict[str, int]:
+    """Rewrite every record under `results_dir` compactly (module docstring). Returns counts: records,
+    referenced (items_from), own_items, unchanged (already compact), stale_sources (reused records
+    whose source's items differ: they keep their own); changes nothing unless `apply`."""
+    results_dir = Path(results_dir)
+    report = {"records": 0, "referenced": 0, "own_items": 0, "rewritten": 0, "unchanged": 0, "stale_sources": 0}
+    for model_dir in sorted(p for p in results_dir.iterdir() if p.is_dir()):
+        paths = [p for p in sorted(model_dir.rglob("*.json")) if p.name != SETTINGS_FILE]
+        raw = {p: read_result(p, resolve=False) for p in paths}
+        raw = {p: r for p, r in raw.items() if isinstance(r, dict) and "benchmark" in r}
+        cache: dict = dict(raw)
+        full = {p: resolve_items(r, p, cache) for p, r in raw.items()}  # every record as evaluated
+
+        def holder(path: Path) -> Path:
+            """The first record down the reuse chain from `path` that holds the same items (`path` itself if none)."""
+            items, seen, current = full[path].get("items"), {path}, path
+            while True:
+                source = (full[current].get("provenance") or {}).get("same_kept_experts_as")
+                source = results_dir / source if source else None
+                if source is None or source in seen or source not in full or full[source].get("items") != items:
+                    return current
+                seen.add(source)
+                current = source
+
+        lock = results_lock(model_dir) if apply else nullcontext()
+        with lock:
+            for path, record in full.items():
+                report["records"] += 1
+                reference = None
+                if record.get("items") is not None:
+                    source = holder(path)
+                    if source != path:
+                        reference = {"path": str(source.relative_to(results_dir)), "sha256": items_digest(record["items"])}
+                    elif (record.get("provenance") or {}).get("same_kept_experts_as"):
+                        report["stale_sources"] += 1
+                report["referenced" if reference else "own_items"] += 1
+                text = format_result(record, reference)
+                again = resolve_items(json.loads(text), path, cache)
+                if _comparable(again) != _comparable(record):
+                    raise AssertionError(f"{path}: the compact record does not read back equal; nothing written for it")
+                if path.read_text() == text:
+                    report["unchanged"] += 1
+                    continue
+                report["rewritten"] += 1
+                if apply:
+                    write_result(path, record, reference)
+    return report
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results_dir")
@@ -176,8 +247,15 @@ def main(argv=None) -> None:
                         help="give every record of calibration SOURCE's draws the setting SETTING (relabel_setting)")
     parser.add_argument("--rename-model", nargs=2, metavar=("OLD", "NEW"),
                         help="move embedded model OLD's committed folders under RESULTS_DIR (the checkout) to NEW (rename_model)")
+    parser.add_argument("--compact", nargs="*", metavar="MORE_RESULTS_DIRS",
+                        help="rewrite the records under RESULTS_DIR (and these) compactly (compact_results)")
     parser.add_argument("--apply", action="store_true", help="move the folders (default: only report)")
     args = parser.parse_args(argv)
+    if args.compact is not None:
+        for folder in [args.results_dir, args.statistics_dir, *args.compact]:
+            if folder:
+                print(folder, compact_results(folder, apply=args.apply))
+        return
     if args.rename_model:
         report = rename_model(args.results_dir, *args.rename_model, apply=args.apply)
         print(f"folders: {len(report['folders'])}, records: {len(report['records'])}, statistics: {len(report['statistics'])}")

@@ -33,10 +33,21 @@ def setup(*, seed: int = 0, threads: int | None = None, precision: int | None = 
         pd.set_option("display.precision", precision)
     if threads:
         torch.set_num_threads(threads)
+    _limit_blas_threads(threads or 1)
     torch.manual_seed(seed)
     root = project_root()
     print(f"moepaper {package_version()} | torch {torch.__version__} | project {root}")
     return root
+
+
+def _limit_blas_threads(threads: int) -> None:
+    """numpy's and scipy's BLAS (bootstraps, correlations) on a fixed number of threads, so their sums do not
+    depend on the machine's core count; torch's own threads are `setup`'s `threads`."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # not installed: BLAS keeps its default
+        return
+    threadpool_limits(threads, user_api="blas")
 
 
 def figure_saver(figures_dir: str | Path, prefix: str, suffix: str, root: Path | None = None) -> Callable:

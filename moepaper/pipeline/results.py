@@ -31,6 +31,19 @@ sweep resumes where it stopped. A record is reused (skipped, or copied for the s
 experts) only when its provenance names the versions of moepaper, lm-eval, transformers and
 torch installed now (`VERSION_KEYS`; torch's local build label, ``+cpu`` or ``+cu128``, aside):
 results of another version, or without versions, are re-evaluated, never mixed with today's.
+
+Compact records (`write_result`, `read_result`). Per-item outcomes (``items``: one list per field)
+are written on one line each, and a float field whose values are float32 numbers (lm-eval's
+per-item log-likelihoods) is written with the precision it carries: each value as the shortest
+decimal that gives the same float32 back, the field named in ``items_float32`` with the positions
+written at full double precision instead (a sum of several float32 window log-likelihoods is not
+a float32). Reading gives every value back bit for bit. A record reused for the same kept experts
+copies no items: ``items_from`` holds the source record's path (relative to the results root,
+like ``provenance.same_kept_experts_as``) and the sha256 of its items, and reading it resolves
+the reference; a missing source, or one whose items changed since, is an `ItemsSourceError`
+naming both files. A sweep that re-evaluates a source first writes its old items into the
+records that reference it. Records of the full format (every item copied, floats at double
+precision) read as before; `moepaper.pipeline.migrations.compact_results` rewrites them.
 """
 
 from __future__ import annotations
@@ -47,6 +60,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..criteria import NOVICE, REROUTE, Criterion, StatisticCriterion, expert_scores, resolve_criteria
@@ -76,6 +90,14 @@ class ResultsSettingsError(ValueError):
 class ResultsLockedError(RuntimeError):
     """Another live process is writing the same results folder."""
 
+
+class ItemsSourceError(FileNotFoundError):
+    """A record's ``items_from`` names a source record that is missing or no longer holds those items."""
+
+
+ITEMS_FROM = "items_from"  # {"path": source record relative to the results root, "sha256": items_digest of its items}
+ITEMS_FLOAT32 = "items_float32"  # {field: [positions at double precision]}: the field's other floats are float32 values
+
 log = logging.getLogger(__name__)
 
 
@@ -102,12 +124,137 @@ def write_json_atomic(path: str | Path, record: dict) -> Path:
     return atomic_write(path, write)
 
 
-def read_result(path: str | Path) -> dict | None:
-    """A result record, or None when the file is missing or unreadable (then it is recomputed)."""
+def read_result(path: str | Path, *, resolve: bool = True) -> dict | None:
+    """A result record, or None when the file is missing or unreadable (then it is recomputed).
+
+    resolve: give its per-item outcomes back as they were evaluated (float32 values restored,
+    ``items_from`` resolved; `resolve_items`); False: the record as written."""
     try:
-        return json.loads(Path(path).read_text())
+        record = json.loads(Path(path).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    return resolve_items(record, path) if resolve else record
+
+
+def results_root(path: str | Path) -> Path:
+    """The results root of a record at ``<root>/<model>/<calibration>/<entry>/<benchmark>.json``."""
+    return Path(path).parents[3]
+
+
+def items_digest(items: dict | None) -> str | None:
+    """sha256 of per-item outcomes (canonical JSON of their values): what a reference to them checks."""
+    if items is None:
+        return None
+    blob = json.dumps(items, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _is_float32(value) -> bool:
+    return type(value) is float and math.isfinite(value) and float(np.float32(value)) == value
+
+
+def encode_items(items: dict) -> tuple[dict, dict]:
+    """(items as written, the ``items_float32`` marker): float32 values as their shortest decimal."""
+    written, marker = {}, {}
+    for name, values in items.items():
+        floats = [i for i, v in enumerate(values) if type(v) is float]
+        narrow = {i for i in floats if _is_float32(values[i])}
+        if not narrow:
+            written[name] = values
+            continue
+        written[name] = [float(str(np.float32(v))) if i in narrow else v for i, v in enumerate(values)]
+        marker[name] = [i for i in floats if i not in narrow]
+    return written, marker
+
+
+def decode_items(items: dict, marker: dict | None) -> dict:
+    """The values `encode_items` was given, bit for bit."""
+    if not marker:
+        return items
+    decoded = dict(items)
+    for name, wide in marker.items():
+        wide = set(wide)
+        decoded[name] = [float(np.float32(v)) if type(v) is float and i not in wide else v for i, v in enumerate(items[name])]
+    return decoded
+
+
+def resolve_items(record: dict, path: str | Path, cache: dict | None = None, _seen: tuple = ()) -> dict:
+    """`record` (read from `path`) with its per-item outcomes as evaluated: float32 values restored
+    and an ``items_from`` reference replaced by its source's items, checked against the recorded
+    sha256 (`ItemsSourceError` naming both files when the source is missing or changed).
+    cache: path -> parsed record, shared by calls that read many records."""
+    if not isinstance(record, dict):
+        return record
+    reference = record.get(ITEMS_FROM)
+    if reference:
+        source_path = results_root(path) / reference["path"]
+        if source_path in _seen:
+            raise ItemsSourceError(f"{path}: its items_from references form a cycle through {source_path}")
+        source = None if cache is None else cache.get(source_path)
+        if source is None:
+            try:
+                source = json.loads(source_path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError) as error:
+                raise ItemsSourceError(
+                    f"{path} takes its per-item outcomes from {source_path} (items_from), which is "
+                    f"{'missing' if isinstance(error, FileNotFoundError) else 'not readable'}: restore it from git, or delete "
+                    f"{path} and rerun its sweep") from None
+            if cache is not None:
+                cache[source_path] = source
+        items = resolve_items(source, source_path, cache, _seen + (Path(path),)).get("items")
+        if items is None or items_digest(items) != reference.get("sha256"):
+            raise ItemsSourceError(
+                f"{path} takes its per-item outcomes from {source_path} (items_from), which no longer holds them (sha256 "
+                f"{items_digest(items)}, recorded {reference.get('sha256')}): restore it from git, or delete {path} and rerun its sweep")
+        return {**{k: v for k, v in record.items() if k != ITEMS_FLOAT32}, "items": items}
+    if ITEMS_FLOAT32 in record:
+        marker, items = record[ITEMS_FLOAT32], record.get("items")
+        record = {k: v for k, v in record.items() if k != ITEMS_FLOAT32}
+        record["items"] = None if items is None else decode_items(items, marker)
+    return record
+
+
+def compact_record(record: dict, reference: dict | None = None) -> dict:
+    """`record` as `write_result` writes it: its items encoded (`encode_items`), or, given `reference`
+    ({"path", "sha256"} of a record with the same items), no items and ``items_from`` instead."""
+    record = {k: v for k, v in record.items() if k not in (ITEMS_FROM, ITEMS_FLOAT32)}
+    if reference is not None:
+        return {**record, "items": None, ITEMS_FROM: dict(reference)}
+    if record.get("items"):
+        items, marker = encode_items(record["items"])
+        record["items"] = items
+        if marker:
+            record[ITEMS_FLOAT32] = marker
+    return record
+
+
+def _format(value, indent: int = 0) -> str:
+    """JSON with one key per line and every list of plain values on one line."""
+    pad = " " * (indent + 1)
+    if isinstance(value, dict) and value:
+        inner = ",\n".join(f"{pad}{json.dumps(str(k))}: {_format(v, indent + 1)}" for k, v in sorted(value.items()))
+        return "{\n" + inner + "\n" + " " * indent + "}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(pad + _format(v, indent + 1) for v in value) + "\n" + " " * indent + "]"
+    return json.dumps(value, separators=(",", ":"), allow_nan=True)
+
+
+def format_result(record: dict, reference: dict | None = None) -> str:
+    """The text `write_result` writes for `record` (see `compact_record`)."""
+    return _format(compact_record(record, reference)) + "\n"
+
+
+def write_result(path: str | Path, record: dict, reference: dict | None = None) -> Path:
+    """Write a result record compactly (`compact_record`), atomically like `write_json_atomic`."""
+    text = format_result(record, reference)
+
+    def write(tmp: Path):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, write)
 
 
 # ---------------------------------------------------------------- provenance
@@ -389,6 +536,7 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
     current = _versions()
     evaluated = _evaluated_index(Path(out_dir) / slug(model_name), settings, current) if reuse_identical else {}
     all_paths: list[Path] = []
+    referrers = _Referrers(Path(out_dir), slug(model_name))
     counts = {"evaluated": 0, "reused": 0, "skipped": 0}
     bar = tqdm(entries, desc=f"sweep {model_name} / {calibration}", unit="entry", disable=not progress)
     for entry in bar:
@@ -406,12 +554,14 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
             counts["skipped"] += 1
             continue
         kept_key = _kept_key(keep, replacement, entry_hash)
-        rows, sources, seconds, run = {}, {}, 0.0, None
+        rows, sources, references, seconds, run = {}, {}, {}, 0.0, None
         for name in todo:  # the same kept experts make the same model: reuse its results
             source = evaluated.get((kept_key, name))
             if source is not None:
                 rows[name] = {k: source.get(k) for k in evaluation.RESULT_COLUMNS}
                 sources[name] = source["_path"]
+                if source.get("items") is not None:  # its items are referenced, not copied
+                    references[name] = source.get(ITEMS_FROM) or {"path": source["_path"], "sha256": items_digest(source["items"])}
         missing = [name for name in todo if name not in rows]
         if missing:
             started = time.time()
@@ -459,15 +609,47 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
                     **(from_disk.provenance(run) if run is not None and name not in sources else {}),
                 },
             }
-            path = write_json_atomic(paths[name], record)
+            referrers.detach(paths[name])  # records referencing the items this file held keep them
+            path = write_result(paths[name], record, references.get(name))
+            referrers.add(path, references.get(name))
             written.append(path)
             if row.get("status") == evaluation.OK:
-                evaluated.setdefault((kept_key, name), {**record, "_path": _relative(path, out_dir)})
+                reference = {ITEMS_FROM: references[name]} if name in references else {}
+                evaluated.setdefault((kept_key, name), {**record, **reference, "_path": _relative(path, out_dir)})
         if on_entry is not None:
             on_entry(entry, written)
     log.info("sweep %s / %s: %d entries evaluated, %d reused identical kept sets, %d already on disk",
              model_name, calibration, counts["evaluated"], counts["reused"], counts["skipped"])
     return all_paths
+
+
+class _Referrers:
+    """Which records of a model folder take their items from which (``items_from``), found on first need."""
+
+    def __init__(self, root: Path, model: str):
+        self.root, self.model, self.index = root, model, None
+
+    def _load(self) -> dict[str, list[Path]]:
+        if self.index is None:
+            self.index = {}
+            for path in sorted((self.root / self.model).rglob("*.json")) if (self.root / self.model).exists() else []:
+                self.add(path, (read_result(path, resolve=False) or {}).get(ITEMS_FROM))
+        return self.index
+
+    def add(self, path: Path, reference: dict | None) -> None:
+        if reference and self.index is not None:
+            self.index.setdefault(reference["path"], []).append(Path(path))
+
+    def detach(self, path: Path) -> None:
+        """Before `path` is replaced: every record referencing its items gets a copy of them."""
+        old = read_result(path, resolve=False) if Path(path).exists() else None
+        if not old or old.get(ITEMS_FROM) or old.get("items") is None:
+            return
+        items = resolve_items(old, path)["items"]
+        for other in self._load().pop(_relative(path, self.root), []):
+            record = read_result(other, resolve=False)
+            if record and (record.get(ITEMS_FROM) or {}).get("path") == _relative(path, self.root):
+                write_result(other, {**record, "items": items})
 
 
 def _kept_key(keep, replacement: str | None = None, stats_hash: str | None = None) -> tuple:

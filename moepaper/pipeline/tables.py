@@ -27,7 +27,8 @@ import pandas as pd
 from ..criteria import AIMER, MONE, MONE_RANKING, NAMED_CRITERIA, criterion_grid
 from .calibration import parse_calibration_name
 from .evaluation import get_suite
-from .results import SETTINGS_FILE, UNPRUNED, VERSION_KEYS, _release, record_versions, slug
+from .results import (ITEMS_FROM, SETTINGS_FILE, UNPRUNED, VERSION_KEYS, ItemsSourceError, _release, record_versions, resolve_items,
+                      slug)
 
 NEW_CRITERIA = ("man", "msan")
 # The paper's comparison: its named criteria and the baselines MoNE (as published, with novices),
@@ -77,9 +78,12 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
     and torch (`moepaper.pipeline.results.record_versions`; torch's build label aside): a model
     whose results were made partly by other versions (a sweep interrupted after an upgrade) is a
     ValueError naming both makes, never a silently mixed table; its sweeps re-evaluate the others.
+
+    A compact record that takes its per-item outcomes from another (``items_from``) must resolve:
+    a missing or changed source is a `results.ItemsSourceError` naming both files.
     """
     makes: dict[str, dict[tuple, Path]] = {}  # model -> versions -> a file made with them
-    rows = []
+    rows, sources = [], {}  # sources: path -> parsed record, for the items_from references
     for path in sorted(Path(out_dir).rglob("*.json")):
         if path.name == SETTINGS_FILE:
             continue
@@ -91,6 +95,8 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
         if not isinstance(record, dict) or "benchmark" not in record or "criterion" not in record:
             warnings.warn(f"load_results: skipped {path}: not a result record (no benchmark and criterion)", stacklevel=2)
             continue
+        if record.get(ITEMS_FROM):  # a reference to another record's items: it must resolve (ItemsSourceError naming both)
+            resolve_items(record, path, sources)
         evaluation = record.get("evaluation") or {}
         make = tuple(_release(v) for v in record_versions(record).values())
         makes.setdefault(str(record.get("model")), {}).setdefault(make, path)
@@ -394,9 +400,13 @@ def _record_items(row) -> dict | None:
         return items
     path = row.get("path")
     if isinstance(path, str) and path:
+        from .results import read_result
+
         try:
-            return json.loads(Path(path).read_text()).get("items")
-        except (OSError, json.JSONDecodeError, AttributeError):
+            return (read_result(path) or {}).get("items")  # float32 values restored, items_from resolved
+        except (OSError, AttributeError) as error:
+            if isinstance(error, ItemsSourceError):
+                raise
             return None
     return None
 
