@@ -129,7 +129,7 @@ class WeightCriterion:
         return values
 
 
-# The paper's named points (README, top; docs/paper_protocol.md). MoNE lies outside the family: see `mone_scores`.
+# The paper's named points, with their origins: docs/paper.md. MoNE lies outside the family: see `mone_scores`.
 CRITERIA: dict[str, Criterion] = {
     c.name: c
     for c in (

@@ -36,7 +36,7 @@ from moepaper.architecture import find_moe_layers
 CONFIG_DIR = Path(__file__).with_name("paper_models")
 
 # key -> Hugging Face id of the checkpoint the paper uses (the instruct releases; our choice where the paper
-# names only the model family, following the authors' earlier code: docs/paper_protocol.md).
+# names only the model family, following the authors' earlier code: docs/paper.md, docs/gpu.md).
 PAPER_MODELS: dict[str, str] = {
     "olmoe": "allenai/OLMoE-1B-7B-0125-Instruct",
     "deepseek_v2_lite": "deepseek-ai/DeepSeek-V2-Lite-Chat",
@@ -55,7 +55,7 @@ PAPER_RATIOS: dict[str, tuple[float, ...]] = {
 REHEARSAL_PREFIX = "rehearsal:"
 META_PREFIX = "meta:"
 
-# --- the paper's protocol (its setup and the authors' evaluation stack, docs/paper_protocol.md) ------
+# --- the paper's protocol (its setup: docs/paper.md; the authors' evaluation stack: docs/paper_protocol.md) ---
 # Calibration [our choice, the paper's sizes unknown]: packed sequences, 1024 x 2048 tokens per
 # source, as the authors' earlier code used up to 1024 x 2048-4096. Sources: moepaper.pipeline.calibration.SOURCES.
 CALIBRATION_SOURCES: dict[str, str] = {
