@@ -409,7 +409,9 @@ def run_notebook(notebook: str, output: Path, parameters: dict, *, root: Path, f
     import papermill
 
     marker = output.with_suffix(".done")
-    fingerprint = _fingerprint(root, notebook, parameters)
+    # `force` (measure again) changes how a run gets its numbers, not what it produces: a forced run
+    # counts as done for the next run without it
+    fingerprint = _fingerprint(root, notebook, {k: v for k, v in parameters.items() if k != "force"})
     if not force and marker.exists() and marker.read_text().strip() == fingerprint and output.exists():
         print(f"  = {output.relative_to(root)} (done)", flush=True)
         return False
