@@ -12,9 +12,13 @@ REPORT = REPO / "figures" / "rank_report__embedded.md"
 
 
 @pytest.fixture(scope="module")
-def report():
-    df = load_results(REPO / "data" / "results" / "named")
-    return rank_report(df[df["model"] == "embedded"], model="embedded", n=1000, seed=0)  # notebook 04's defaults
+def results():
+    return load_results(REPO / "data" / "results" / "named")
+
+
+@pytest.fixture(scope="module")
+def report(results):
+    return rank_report(results[results["model"] == "embedded"], model="embedded", n=1000, seed=0)  # notebook 04's defaults
 
 
 def test_committed_report_is_what_the_committed_results_give(report):
@@ -36,3 +40,18 @@ def test_readme_shows_the_task_agnostic_table_and_its_verdicts(report):
     # the task-agnostic setting is the paper's: three disjoint general-domain draws, every benchmark
     cell = ranks[ranks["setting"] == "task-agnostic"]
     assert set(cell["n_draws"]) == {3} and set(cell["n_benchmarks"]).issubset({3, 6})
+
+
+def test_readme_sets_the_retrained_models_ranking_beside_the_default(results):
+    """The retrained model's (embedded-seed1) task-agnostic ranking at 25%, accuracy, beside the
+    default's: the README's table and sentence are what the committed results give, and notebook
+    04 wrote the same table (figures/rank_shift__embedded.md)."""
+    from moepaper.pipeline.tables import rank_shift, rank_shift_table, rank_shift_verdicts
+
+    shift, summary = rank_shift(results, "embedded", "embedded-seed1", setting="task-agnostic", ratio=0.25,
+                                metric="accuracy", n=1000, seed=0)  # notebook 04's defaults
+    table = to_markdown(rank_shift_table([shift]))
+    readme = (REPO / "README.md").read_text()
+    assert table in readme and table in (REPO / "figures" / "rank_shift__embedded.md").read_text()
+    assert rank_shift_verdicts([shift])[0] in readme
+    assert summary["n_criteria"] == 11
