@@ -404,9 +404,9 @@ def _record_items(row) -> dict | None:
 
         try:
             return (read_result(path) or {}).get("items")  # float32 values restored, items_from resolved
-        except (OSError, AttributeError) as error:
-            if isinstance(error, ItemsSourceError):
-                raise
+        except ItemsSourceError:  # a reference that does not resolve is an error, never "no items"
+            raise
+        except (OSError, AttributeError):
             return None
     return None
 
