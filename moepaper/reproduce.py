@@ -78,7 +78,13 @@ from .project import DATA, FIGURES, NOTEBOOKS, RUNS, is_checkout, project_root
 KERNEL_NAME = "moepaper"  # the kernel every notebook names; installed inside the virtual environment
 HTML_DIR = "docs/notebooks"  # rendered copies of the embedded configuration's executed notebooks
 SOLUTIONS = "00_formulation_solutions.ipynb"  # the exercises of 00, solved; runs with 00's parameters
-MEASURING = ("00_formulation.ipynb", "03_damage_check.ipynb")  # they store their costly measurements (`pipeline.measurements`)
+MEASURING = ("00_formulation.ipynb", "03_damage_check.ipynb")
+# Parameters that change how a run gets its numbers, not what it produces (`force`: measure again;
+# `workers`: processes of notebook 02's sweep): left out of a run's done marker.
+HOW_ONLY = ("force", "workers")
+# Notebook 02's worker processes for the embedded models' sweeps (one torch thread each): the
+# machines this runs on have two cores or more (benchmarks/sweep_workers.py measures the gain).
+EMBEDDED_WORKERS = 2  # they store their costly measurements (`pipeline.measurements`)
 
 
 @dataclass
@@ -183,7 +189,7 @@ def _embedded_config(name: str, grid_calibrations: list[str], compare_models: tu
         sweeps.append(Sweep("grid", dict(criteria="grid", limit=dict(GRID_LIMIT)), results_dir=f"{DATA}/results/grid",
                             calibrations=list(grid_calibrations), seeds=(0,)))
     model = ModelRun(name, name, calibrations, [0.25, 0.5], dict(n_sequences=80, seq_len=512),
-                     dict(suite="local", batch_size=32), dict(threads=1), seeds=seeds, sweeps=sweeps,
+                     dict(suite="local", batch_size=32, workers=EMBEDDED_WORKERS), dict(threads=1), seeds=seeds, sweeps=sweeps,
                      draw_collect=dict(DISJOINT_COLLECT))
     return RunConfig(
         name=name,
@@ -411,7 +417,7 @@ def run_notebook(notebook: str, output: Path, parameters: dict, *, root: Path, f
     marker = output.with_suffix(".done")
     # `force` (measure again) changes how a run gets its numbers, not what it produces: a forced run
     # counts as done for the next run without it
-    fingerprint = _fingerprint(root, notebook, {k: v for k, v in parameters.items() if k != "force"})
+    fingerprint = _fingerprint(root, notebook, {k: v for k, v in parameters.items() if k not in HOW_ONLY})
     if not force and marker.exists() and marker.read_text().strip() == fingerprint and output.exists():
         print(f"  = {output.relative_to(root)} (done)", flush=True)
         return False

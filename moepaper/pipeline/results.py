@@ -441,6 +441,8 @@ def sweep(
     on_entry: Callable[[Entry, list[Path]], None] | None = None,
     backend: str = "hf",
     checkpoints: dict | None = None,
+    workers: int = 1,
+    load: dict | None = None,
 ) -> list[Path]:
     """Evaluate every criterion at every ratio (and the unpruned model); write one file per benchmark.
 
@@ -478,6 +480,16 @@ def sweep(
         ``checkpoint_dir`` (default ``<out_dir>/../checkpoints``), ``keep_checkpoints``,
         ``base_checkpoint``, ``tensor_parallel_size``, ``gpu_memory_utilization``, ... ;
         `checkpoints.plan_checkpoints` lists the checkpoints and lm-eval arguments beforehand.
+    workers: evaluate the entries in this many processes of one torch thread each (backend "hf", a
+        model on the CPU; 1, the default, evaluates in this process). Small models run one thread
+        far below a core's worth of work per kernel, so on a machine of n cores n workers finish a
+        sweep up to n times sooner (benchmarks/sweep_workers.py). Each worker loads the model with
+        ``load_model(**load)`` and the statistics from `statistics_path`, and refuses to start on
+        weights or statistics other than this process's (fingerprint, checksum); an entry whose
+        kept experts equal another's is evaluated once, and this process then writes the reused
+        records as a one-process sweep would. Records are the same bit for bit as one process's.
+    load: `moepaper.pipeline.load_model`'s arguments for the workers: ``{"spec": "embedded"}``,
+        with ``dtype`` and ``device_map`` when not the defaults. Required when workers > 1.
 
     An (entry, benchmark) whose file holds an "ok" result with the same evaluation settings,
     statistics checksum and versions (moepaper, lm-eval, transformers, torch) is skipped; one of
@@ -506,9 +518,18 @@ def sweep(
     elif backend != "hf":
         raise ValueError(f"backend={backend!r}: 'hf' (in memory) or 'vllm' (pruned checkpoints on disk)")
     stats.check_model(model)
+    if workers != 1:
+        _check_workers(model, workers, load, backend, statistics_path)
     model_dir = Path(out_dir) / slug(model_name)
     with results_lock(model_dir):  # also checks that the folder can be written, before any work
         check_settings(model_dir, settings)
+        if workers > 1:
+            _evaluate_in_workers(
+                model, stats, layers, workers=workers, load=load, criteria=criteria, ratios=ratios, suite=suite,
+                setting=setting, model_name=model_name, calibration=calibration, statistics_path=statistics_path,
+                out_dir=out_dir, limit=limit, batch_size=batch_size, seed=seed, include_unpruned=include_unpruned,
+                allow_code_execution=allow_code_execution, apply_chat_template=apply_chat_template, progress=progress,
+                reuse_identical=reuse_identical, on_entry=on_entry, stats_hash=stats_hash, settings=settings)
         return _sweep(model, tokenizer, stats, layers, criteria=criteria, ratios=ratios, suite=suite, setting=setting,
                       model_name=model_name, calibration=calibration, statistics_path=statistics_path, out_dir=out_dir,
                       limit=limit, batch_size=batch_size, seed=seed, include_unpruned=include_unpruned,
@@ -519,13 +540,16 @@ def sweep(
 
 def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting, model_name, calibration, statistics_path,
            out_dir, limit, batch_size, seed, include_unpruned, allow_code_execution, apply_chat_template, progress,
-           reuse_identical, on_entry, stats_hash, settings, from_disk=None) -> list[Path]:
+           reuse_identical, on_entry, stats_hash, settings, from_disk=None, only: set[int] | None = None) -> list[Path]:
+    """The sweep itself (`sweep` checks its inputs and holds the lock); `only`: the positions in
+    `_entries`'s list of the entries to run (a worker's share), None for all."""
     from ..progress import progress as tqdm
 
-    from ..pruning import mask_experts, replace_with_novices, select_experts
+    from ..pruning import mask_experts, replace_with_novices
 
-    entries = [Entry(UNPRUNED, 0.0, NO_CALIBRATION)] if include_unpruned else []
-    entries += [Entry(c, float(r), calibration) for c in resolve_criteria(criteria) for r in ratios]
+    entries = _entries(criteria, ratios, calibration, include_unpruned)
+    if only is not None:
+        entries = [e for i, e in enumerate(entries) if i in only]
     novice = sorted({e.name for e in entries if getattr(e.criterion, "replacement", REROUTE) == NOVICE})
     if from_disk is not None and novice:
         raise NotImplementedError(
@@ -541,15 +565,11 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
     bar = tqdm(entries, desc=f"sweep {model_name} / {calibration}", unit="entry", disable=not progress)
     for entry in bar:
         bar.set_postfix_str(f"{entry.name} {entry.ratio:g}")
-        keep = None
-        if not entry.unpruned:
-            keep = select_experts(expert_scores(stats, entry.criterion, model=model), ratio=entry.ratio, layers=layers)
-        removed = [0] * len(layers) if keep is None else keep.num_removed
-        paths = {b.name: result_path(out_dir, model_name, entry.calibration, entry.criterion, removed, b.name) for b in suite.benchmarks}
+        keep, removed, paths = _entry_files(entry, stats, model, layers, out_dir, model_name, suite)
         all_paths += paths.values()
         entry_hash = None if entry.unpruned else stats_hash
         replacement = None if entry.unpruned else entry.criterion.replacement
-        todo = [name for name, p in paths.items() if not _is_done(read_result(p), settings, entry_hash, replacement, current)]
+        todo = _entry_todo(paths, settings, entry_hash, replacement, current)
         if not todo:
             counts["skipped"] += 1
             continue
@@ -621,6 +641,146 @@ def _sweep(model, tokenizer, stats, layers, *, criteria, ratios, suite, setting,
     log.info("sweep %s / %s: %d entries evaluated, %d reused identical kept sets, %d already on disk",
              model_name, calibration, counts["evaluated"], counts["reused"], counts["skipped"])
     return all_paths
+
+
+def _entries(criteria, ratios, calibration: str, include_unpruned: bool) -> list[Entry]:
+    """A sweep's entries in order: the unpruned model (when included), then criterion by criterion, ratio by ratio."""
+    entries = [Entry(UNPRUNED, 0.0, NO_CALIBRATION)] if include_unpruned else []
+    return entries + [Entry(c, float(r), calibration) for c in resolve_criteria(criteria) for r in ratios]
+
+
+def _entry_files(entry: Entry, stats, model, layers, out_dir, model_name: str, suite) -> tuple:
+    """(kept experts or None for the unpruned model, experts removed per layer, {benchmark: result path})."""
+    from ..pruning import select_experts
+
+    keep = None
+    if not entry.unpruned:
+        keep = select_experts(expert_scores(stats, entry.criterion, model=model), ratio=entry.ratio, layers=layers)
+    removed = [0] * len(layers) if keep is None else keep.num_removed
+    paths = {b.name: result_path(out_dir, model_name, entry.calibration, entry.criterion, removed, b.name) for b in suite.benchmarks}
+    return keep, removed, paths
+
+
+def _entry_todo(paths: dict, settings: dict, entry_hash, replacement, current: dict) -> list[str]:
+    """The benchmarks of an entry whose file does not yet hold a reusable "ok" result."""
+    return [name for name, p in paths.items() if not _is_done(read_result(p), settings, entry_hash, replacement, current)]
+
+
+# ---------------------------------------------------------------- worker processes
+
+
+def _check_workers(model, workers, load, backend: str, statistics_path) -> None:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers={workers!r}: a whole number of processes, at least 1")
+    if workers == 1:
+        return
+    if backend != "hf":
+        raise ValueError(f"workers={workers}: worker processes evaluate in memory (backend 'hf'), not backend={backend!r}")
+    devices = {p.device.type for p in model.parameters()}
+    if devices != {"cpu"}:
+        raise ValueError(f"workers={workers}: worker processes share the CPU's cores; the model is on {sorted(devices)}. "
+                         "Use workers=1 on a GPU")
+    if not load or not load.get("spec"):
+        raise ValueError(f"workers={workers}: pass load={{'spec': <the model's spec>}} so that each worker can load "
+                         "the model (moepaper.pipeline.load_model's arguments)")
+    if statistics_path is None or not Path(statistics_path).is_file():
+        raise ValueError(f"workers={workers}: each worker loads the statistics from statistics_path, which is "
+                         f"{'not given' if statistics_path is None else f'not a file: {statistics_path}'}")
+
+
+def _worker_plan(model, stats, layers, *, criteria, ratios, suite, model_name, calibration, out_dir, include_unpruned,
+                 reuse_identical, stats_hash, settings) -> list[int]:
+    """Positions (in `_entries`' order) of the entries the workers evaluate: those with a benchmark
+    still to do, one per set of kept experts, none whose results the final one-process pass can reuse."""
+    current = _versions()
+    evaluated = _evaluated_index(Path(out_dir) / slug(model_name), settings, current) if reuse_identical else {}
+    planned, seen = [], set()
+    for i, entry in enumerate(_entries(criteria, ratios, calibration, include_unpruned)):
+        keep, _, paths = _entry_files(entry, stats, model, layers, out_dir, model_name, suite)
+        entry_hash = None if entry.unpruned else stats_hash
+        replacement = None if entry.unpruned else entry.criterion.replacement
+        todo = _entry_todo(paths, settings, entry_hash, replacement, current)
+        key = _kept_key(keep, replacement, entry_hash)
+        if not todo or (reuse_identical and (key in seen or all((key, name) in evaluated for name in todo))):
+            continue
+        seen.add(key)
+        planned.append(i)
+    return planned
+
+
+def _evaluate_in_workers(model, stats, layers, *, workers, load, on_entry, progress, **job) -> None:
+    """Evaluate `_worker_plan`'s entries in `workers` spawned processes (one torch thread each), each
+    pulling the next entry when it finishes one; an entry's files are written by its worker as it ends,
+    so an interrupted sweep keeps every finished entry."""
+    import multiprocessing
+
+    from ..progress import progress as tqdm
+
+    planned = _worker_plan(model, stats, layers, criteria=job["criteria"], ratios=job["ratios"], suite=job["suite"],
+                           model_name=job["model_name"], calibration=job["calibration"], out_dir=job["out_dir"],
+                           include_unpruned=job["include_unpruned"], reuse_identical=job["reuse_identical"],
+                           stats_hash=job["stats_hash"], settings=job["settings"])
+    if not planned:
+        return
+    entries = _entries(job["criteria"], job["ratios"], job["calibration"], job["include_unpruned"])
+    job = {**job, "statistics_path": str(job["statistics_path"]), "load": dict(load)}
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool inherited
+    n = min(workers, len(planned))
+    with context.Pool(n, initializer=_worker_start, initargs=(job,)) as pool:
+        done = pool.imap_unordered(_worker_entry, planned)
+        for i, paths in tqdm(done, total=len(planned), desc=f"sweep {job['model_name']} / {job['calibration']} ({n} workers)",
+                             unit="entry", disable=not progress):
+            if on_entry is not None:
+                on_entry(entries[i], paths)
+        pool.close()
+        pool.join()
+
+
+_WORKER: dict = {}
+
+
+def _worker_start(job: dict) -> None:
+    """A worker's model and statistics, checked against the parent's. An error is kept and raised by
+    `_worker_entry`, so that it reaches the sweep (a pool's initializer that raises is only restarted)."""
+    try:
+        _worker_load(job)
+    except Exception as error:  # noqa: BLE001 (raised again, with its message, in the sweep's process)
+        _WORKER["error"] = error
+
+
+def _worker_load(job: dict) -> None:
+    from . import load_model
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    logging.getLogger("lm-eval").setLevel(logging.WARNING)
+    model, tokenizer = load_model(**job["load"])
+    found = weights_fingerprint(model)
+    if found != job["settings"]["model_id"]:
+        raise RuntimeError(f"a sweep worker loaded load_model(**{job['load']}) with weights {found}, not the sweep's "
+                           f"model ({job['settings']['model_id']}): pass the spec of the model being swept as load")
+    stats = ExpertStatistics.load(job["statistics_path"])
+    if stats.checksum != job["stats_hash"]:
+        raise RuntimeError(f"a sweep worker read statistics {stats.checksum} from {job['statistics_path']}, "
+                           f"not the sweep's ({job['stats_hash']}): the file changed during the sweep")
+    from ..architecture import find_moe_layers
+
+    _WORKER.update(job=job, model=model, tokenizer=tokenizer, stats=stats, layers=find_moe_layers(model))
+
+
+def _worker_entry(i: int) -> tuple[int, list[Path]]:
+    if "error" in _WORKER:
+        raise _WORKER["error"]
+    w, job = _WORKER, _WORKER["job"]
+    written: list[Path] = []
+    _sweep(w["model"], w["tokenizer"], w["stats"], w["layers"], criteria=job["criteria"], ratios=job["ratios"],
+           suite=job["suite"], setting=job["setting"], model_name=job["model_name"], calibration=job["calibration"],
+           statistics_path=job["statistics_path"], out_dir=job["out_dir"], limit=job["limit"],
+           batch_size=job["batch_size"], seed=job["seed"], include_unpruned=job["include_unpruned"],
+           allow_code_execution=job["allow_code_execution"], apply_chat_template=job["apply_chat_template"],
+           progress=False, reuse_identical=False, on_entry=lambda entry, paths: written.extend(paths),
+           stats_hash=job["stats_hash"], settings=job["settings"], only={i})
+    return i, written
 
 
 class _Referrers:

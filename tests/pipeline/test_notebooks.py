@@ -265,3 +265,19 @@ def test_done_markers_follow_the_versions_and_what_04_read(tmp_path, monkeypatch
         assert not done("02_prune_and_evaluate.ipynb", sweep) and done("02_prune_and_evaluate.ipynb", sweep)
         assert not done("04_tables_and_figures.ipynb", tables)
     assert runs.count("04_tables_and_figures.ipynb") == 3 + 2 * 4
+
+
+def test_every_parameter_the_plan_passes_is_one_the_notebook_declares():
+    import ast
+
+    declared = {}
+    for path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        (cell,) = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+        tree = ast.parse("".join(cell["source"]))
+        declared[path.name] = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets}
+    for name, config in reproduce.CONFIGS.items():
+        for notebook, _, params in reproduce.plan(config, REPO):
+            unknown = set(params) - declared[notebook]
+            assert not unknown, f"{name}: {notebook} gets {sorted(unknown)}, which its parameters cell does not declare"
+    assert reproduce.CONFIGS["embedded"].models[0].evaluate["workers"] == reproduce.EMBEDDED_WORKERS
