@@ -142,6 +142,7 @@ class RunConfig:
     grid_results_dir: str | None = None  # results of the grid sweep, for notebook 04's heatmaps (None: none apart)
     compare_models: tuple[str, ...] = ()  # notebook 04 ranks these models' criteria side by side, with intervals
     shift_models: tuple[str, ...] = ()  # notebook 04 compares the task-agnostic ranking with these same-shape models'
+    retrained_model: str | None = None  # the one of shift_models that is this model retrained with another seed: the yardstick
     html_dir: str | None = None  # relative to the project root: an HTML copy of every executed notebook
 
 
@@ -169,7 +170,7 @@ SAME_RECIPE_MODELS = ("embedded-pooled", "embedded-seed1")
 
 
 def _embedded_config(name: str, grid_calibrations: list[str], compare_models: tuple[str, ...] = (),
-                     shift_models: tuple[str, ...] = (),
+                     shift_models: tuple[str, ...] = (), retrained_model: str | None = None,
                      general: bool = True, all_domain: bool = True, seeds: tuple[int, ...] = EMBEDDED_SEEDS,
                      science: bool = True) -> RunConfig:
     """Embedded model `name` on CPU: every draw collected, the named criteria on every item of
@@ -205,6 +206,7 @@ def _embedded_config(name: str, grid_calibrations: list[str], compare_models: tu
         grid_results_dir=f"{DATA}/results/grid" if grid_calibrations else None,
         compare_models=compare_models,
         shift_models=shift_models,
+        retrained_model=retrained_model,
         html_dir=HTML_DIR if name == "embedded" else None,  # the default model's notebooks, rendered
     )
 
@@ -216,7 +218,7 @@ def _configs() -> dict[str, RunConfig]:
     gpu = dict(dtype="bfloat16", device_map="auto")
     return {
         "embedded": _embedded_config("embedded", ["embedded:mixed"], compare_models=("embedded", "embedded-16e"),
-                                     shift_models=SAME_RECIPE_MODELS),
+                                     shift_models=SAME_RECIPE_MODELS, retrained_model="embedded-seed1"),
         # the 16-expert first ablation: no general-domain draws (the same-shape ablation replaces it)
         "embedded-16e": _embedded_config("embedded-16e", ["embedded:mixed", "embedded:code", "embedded:math"],
                                          general=False),
@@ -542,7 +544,8 @@ def plan(config: RunConfig, root: Path, *, allow_code_execution: bool = False) -
                            statistics=statistics_by_model[m.name], figures_dir=config.figures_dir,
                            **({"grid_results_dir": config.grid_results_dir} if config.grid_results_dir else {}),
                            **({"compare_models": list(config.compare_models)} if config.compare_models else {}),
-                           **({"shift_models": list(config.shift_models)} if config.shift_models else {}))))
+                           **({"shift_models": list(config.shift_models)} if config.shift_models else {}),
+                           **({"retrained_model": config.retrained_model} if config.retrained_model else {}))))
     return steps
 
 

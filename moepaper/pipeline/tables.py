@@ -1079,6 +1079,64 @@ def rank_shift(results: pd.DataFrame, reference: str, other: str, *, setting: st
     return out, summary
 
 
+def rank_shift_beyond(results: pd.DataFrame, reference: str, other: str, yardstick: str, *,
+                      setting: str = "task-agnostic", ratio: float = 0.25, metric: str = ACCURACY, n: int = 1000,
+                      level: float = 0.9, seed: int = 0, distinct: bool = True) -> dict:
+    """Does model `other` (a changed recipe, e.g. the pooled balance loss) move `reference`'s ranking
+    of one cell further than `yardstick` (the same recipe retrained with another seed) does?
+
+    Each model is ranked over the criteria all three share, with `bootstrap_average_ranks`'
+    replicates (the reference's replicates are the same in both comparisons, the other two models'
+    are drawn independently). Returns a dict: ``rho_other`` and ``rho_yardstick`` (Spearman's rho of
+    each model's ranking with the reference's) with ``_low``/``_high`` intervals; ``difference`` =
+    rho_yardstick - rho_other with its interval over the replicates (paired through the
+    reference's); ``mean_abs_shift_other`` / ``_yardstick``; ``beyond``: True when the difference's
+    interval lies wholly above zero (the changed recipe moves the ranking further than retraining),
+    False otherwise; ``sentence``: the verdict in words, computed from these numbers."""
+    _check_filters(level, n, metric, ratio)
+    if len({reference, other, yardstick}) != 3:
+        raise ValueError(f"reference, other and yardstick must be three models, got {reference!r}, {other!r}, {yardstick!r}")
+    shared = None
+    for name in (reference, other, yardstick):
+        names = set(results.loc[(results["model"] == name) & (results["criterion"] != UNPRUNED), "criterion"])
+        if not names:
+            raise ValueError(f"no results of model {name!r} (models: {sorted(set(results['model']))})")
+        shared = names if shared is None else shared & names
+    cells = {}
+    for name in (reference, other, yardstick):
+        found, _ = _replicates(results, n, seed, name, (UNPRUNED,), sorted(shared), metric, ratio, distinct)
+        found = [c for c in found if c["setting"] == setting]
+        if not found:
+            raise ValueError(f"model {name!r}: no {setting!r} results at ratio {ratio} for metric {metric!r}")
+        cells[name] = found[0]
+    criteria = [c for c in cells[reference]["criteria"] if all(c in cells[m]["criteria"] for m in (other, yardstick))]
+    point, boot = {}, {}
+    for name, cell in cells.items():
+        idx = [cell["criteria"].index(c) for c in criteria]
+        point[name], boot[name] = cell["point"][idx], cell["boot"][:, idx]
+    rho = {m: float(_spearman(point[reference], point[m])) for m in (other, yardstick)}
+    reps = {m: _spearman(boot[reference], boot[m]) for m in (other, yardstick)}
+    out = {"reference": reference, "other": other, "yardstick": yardstick, "setting": setting, "ratio": float(ratio),
+           "metric": metric, "n_criteria": len(criteria), "n": n, "level": level, "seed": seed}
+    for m, key in ((other, "other"), (yardstick, "yardstick")):
+        low, high = _interval(reps[m][:, None], level)[:, 0]
+        out.update({f"rho_{key}": rho[m], f"rho_{key}_low": float(low), f"rho_{key}_high": float(high),
+                    f"mean_abs_shift_{key}": float(np.abs(point[m] - point[reference]).mean())})
+    low, high = _interval((reps[yardstick] - reps[other])[:, None], level)[:, 0]
+    out.update(difference=rho[yardstick] - rho[other], difference_low=float(low), difference_high=float(high),
+               beyond=bool(low > 0))
+    cell = f"{SETTING_WORDS.get(setting, setting)}, {float(ratio):.0%} removed, {METRIC_WORDS.get(metric, metric)}"
+    out["sentence"] = (
+        f"{other} against {reference} ({cell}): Spearman ρ {out['rho_other']:.2f} [{out['rho_other_low']:.2f}, "
+        f"{out['rho_other_high']:.2f}], mean |shift| {out['mean_abs_shift_other']:.2f} ranks; the retrained {yardstick}: "
+        f"ρ {out['rho_yardstick']:.2f} [{out['rho_yardstick_low']:.2f}, {out['rho_yardstick_high']:.2f}], mean |shift| "
+        f"{out['mean_abs_shift_yardstick']:.2f}. Difference in ρ (retrained − {other}) {out['difference']:+.2f} "
+        f"[{out['difference_low']:+.2f}, {out['difference_high']:+.2f}]: "
+        + (f"{other} moves the ranking further than retraining does." if out["beyond"] else
+           f"{other} does not move the ranking distinguishably further than retraining with another seed does."))
+    return out
+
+
 def rank_shift_table(shifts: Sequence[pd.DataFrame], *, digits: int = 2) -> pd.DataFrame:
     """`rank_shift` results of one reference model side by side: criterion rows; the reference's
     average rank, then per other model its average rank and its shift, each "mean [low, high]";

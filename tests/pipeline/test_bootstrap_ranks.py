@@ -512,3 +512,28 @@ def test_rank_shift_between_two_models_against_a_hand_computation(tmp_path):
         rank_shift(df, "toy", "toy", n=10)
     with pytest.raises(ValueError, match="no 'task-specific' results"):
         rank_shift(df, "toy", "other", setting="task-specific", n=10)
+
+
+def test_rank_shift_beyond_a_yardstick_against_a_hand_computation():
+    """Reference orders a > b > c on every item; the yardstick (a retrained copy) keeps the order,
+    the changed recipe reverses it: rho 1 and -1 in every replicate, difference +2 with no width,
+    so the change moves the ranking further than retraining. A changed recipe that keeps the order
+    too does not (difference 0)."""
+    from moepaper.pipeline.tables import rank_shift_beyond
+
+    ref = _hand_frame({"a": [1.0, 1.0, 1.0], "b": [0.5, 0.5, 0.5], "c": [0.0, 0.0, 0.0]})
+    reversed_ = _hand_frame({"a": [0.0, 0.0, 0.0], "b": [0.5, 0.5, 0.5], "c": [1.0, 1.0, 1.0]}).assign(model="pooled")
+    df = pd.concat([ref, ref.assign(model="seed1"), reversed_], ignore_index=True)
+    out = rank_shift_beyond(df, "toy", "pooled", "seed1", n=200)
+    assert out["rho_other"] == out["rho_other_low"] == out["rho_other_high"] == -1.0
+    assert out["rho_yardstick"] == out["rho_yardstick_low"] == out["rho_yardstick_high"] == 1.0
+    assert out["difference"] == out["difference_low"] == out["difference_high"] == 2.0 and out["beyond"] is True
+    assert abs(out["mean_abs_shift_other"] - 4 / 3) < 1e-12 and out["mean_abs_shift_yardstick"] == 0.0
+    assert "pooled moves the ranking further than retraining does" in out["sentence"] and "ρ -1.00 [-1.00, -1.00]" in out["sentence"]
+    same = rank_shift_beyond(pd.concat([ref, ref.assign(model="seed1"), ref.assign(model="pooled")], ignore_index=True),
+                             "toy", "pooled", "seed1", n=50)
+    assert same["difference"] == 0.0 and same["beyond"] is False and "does not move the ranking distinguishably" in same["sentence"]
+    with pytest.raises(ValueError, match="three models"):
+        rank_shift_beyond(df, "toy", "pooled", "pooled", n=10)
+    with pytest.raises(ValueError, match="no results of model 'nope'"):
+        rank_shift_beyond(df, "toy", "pooled", "nope", n=10)
