@@ -693,16 +693,21 @@ def _worker_plan(model, stats, layers, *, criteria, ratios, suite, model_name, c
     """Positions (in `_entries`' order) of the entries the workers evaluate: those with a benchmark
     still to do, one per set of kept experts, none whose results the final one-process pass can reuse."""
     current = _versions()
-    evaluated = _evaluated_index(Path(out_dir) / slug(model_name), settings, current) if reuse_identical else {}
+    evaluated = None  # read when first needed: a sweep with everything on disk reads no record twice
     planned, seen = [], set()
     for i, entry in enumerate(_entries(criteria, ratios, calibration, include_unpruned)):
         keep, _, paths = _entry_files(entry, stats, model, layers, out_dir, model_name, suite)
         entry_hash = None if entry.unpruned else stats_hash
         replacement = None if entry.unpruned else entry.criterion.replacement
         todo = _entry_todo(paths, settings, entry_hash, replacement, current)
-        key = _kept_key(keep, replacement, entry_hash)
-        if not todo or (reuse_identical and (key in seen or all((key, name) in evaluated for name in todo))):
+        if not todo:
             continue
+        key = _kept_key(keep, replacement, entry_hash)
+        if reuse_identical:
+            if evaluated is None:
+                evaluated = _evaluated_index(Path(out_dir) / slug(model_name), settings, current)
+            if key in seen or all((key, name) in evaluated for name in todo):
+                continue
         seen.add(key)
         planned.append(i)
     return planned
