@@ -3,10 +3,10 @@
 A spec is one of
 - ``"embedded"``: the embedded default model (`moepaper.testbed.embedded.load_embedded_model`), offline.
 - ``"embedded-16e"``: the 16-expert first balance ablation (16 experts, top-2, pooled loss),
-  offline; ``"embedded-seed1"`` (the default's recipe, training seed 1), offline;
-  `EMBEDDED_MODELS` lists the committed embedded models. ``"embedded-pooled"`` (the same-shape
-  balance ablation) is registered in `TO_TRAIN`: until trained it raises an error naming the
-  command that trains it.
+  offline; ``"embedded-seed1"`` (the default's recipe, training seed 1) and ``"embedded-pooled"``
+  (the default's recipe with the pooled balance loss), offline; `EMBEDDED_MODELS` lists the
+  committed embedded models (a model registered in `TO_TRAIN` raises, until trained, an error
+  naming the command that trains it).
 - ``"tiny:<family>"``: a tiny random-initialised model of a supported family
   (`moepaper.testbed.tiny.tiny_model`, e.g. ``"tiny:qwen3_moe"``) with its `tiny_tokenizer`, a
   character-level tokenizer that fits its 128-token vocabulary. For tests and the
