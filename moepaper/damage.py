@@ -363,7 +363,7 @@ def transfer_table(domain_stats: Mapping[str, ExpertStatistics], *, ratio: float
     return pd.DataFrame(rows).set_index(["pair", "quantity"]), pd.DataFrame(per_layer)
 
 
-TRANSFER_OUTCOMES = ("holds", "values only", "fails")  # transfer_verdicts' outcomes, premise_verdict's input
+TRANSFER_OUTCOMES = ("holds", "values only", "ranking only", "fails")  # transfer_verdicts' outcomes, premise_verdict's input
 
 
 def transfer_verdicts(transfer: pd.DataFrame, per_layer: pd.DataFrame, *, ratio: float, num_experts: int) -> pd.DataFrame:
@@ -374,8 +374,8 @@ def transfer_verdicts(transfer: pd.DataFrame, per_layer: pd.DataFrame, *, ratio:
     mean over layers of MAN's ρ minus the rival's exceeds (falls below minus) its standard error over
     layers (the noise; infinite with one layer). MAN's values move less when its median relative
     change is below both frequency's and gate's. The outcome is ``"holds"`` (values move less and
-    the ranking transfers better), ``"values only"`` (values move less, ranking not better) or
-    ``"fails"`` (values do not move less).
+    the ranking transfers better), ``"values only"`` (values move less, ranking not better),
+    ``"ranking only"`` (ranking better, values not less) or ``"fails"`` (neither).
     transfer, per_layer: `transfer_table`'s two frames. ratio: the fraction removed its kept overlap used.
     num_experts: experts per layer, for the scatter of one layer's ρ without any relation, 1/sqrt(E - 1).
     Returns one row per pair (index ``pair``): ``outcome``, ``rival``, ``difference``, ``noise`` and
@@ -407,12 +407,17 @@ def transfer_verdicts(transfer: pd.DataFrame, per_layer: pd.DataFrame, *, ratio:
                        f"(ρ difference {mean:+.2f} ± {noise:.2f})")
         less = bool(change[A] < min(change[F], change[G]))
         closer = bool(spread[A] < min(spread[F], spread[G]))
-        outcome = "holds" if less and mean > noise else "values only" if less else "fails"
+        better = mean > noise
+        outcome = {(True, True): "holds", (True, False): "values only", (False, True): "ranking only", (False, False): "fails"}[less, better]
         verdict = {
             "holds": "the premise **holds** on this model: activation strength moves less between domains and its ranking transfers better",
             "values only": ("the premise holds **for the values but not for the ranking**: activation strength moves less between "
                             f"domains, yet the experts' order by it is no more stable than by {rival}, and pruning uses only the order"),
-            "fails": "the premise **does not hold** on this model: activation strength moves as much as frequency and gate",
+            "ranking only": ("the premise holds **for the ranking but not for the values**: activation strength's values move no less "
+                             f"than frequency's or gate's, yet the experts' order by it transfers better than by {rival}, "
+                             "and pruning uses only the order"),
+            "fails": ("the premise **does not hold** on this model: activation strength's values move no less than frequency's "
+                      f"or gate's, and the experts' order by it transfers no better than by {rival}"),
         }[outcome]
         text = "\n\n".join([
             f"**{pair}.** Mean within-layer Spearman ρ of the expert ranking between the two domains: routing frequency {rho[F]:.2f}, "
@@ -435,8 +440,9 @@ def premise_verdict(outcomes: Mapping[str, str]) -> str:
     """One sentence on the principle's premise over every pair of domains measured (notebook 00's closing).
 
     outcomes: pair -> outcome of `transfer_verdicts` (its ``outcome`` column, a Series, will do).
-    The premise holds when it holds for every pair; in part when it holds fully or for the values
-    for some pair; otherwise it does not hold.
+    The premise holds when it holds for every pair; for the ranking (what pruning uses) when MAN's
+    ranking transfers better for every pair; in part when it holds in any way for some pair;
+    otherwise it does not hold.
     """
     outcomes = dict(outcomes)
     if not outcomes:
@@ -449,11 +455,16 @@ def premise_verdict(outcomes: Mapping[str, str]) -> str:
         return (f"On this model the premise of the principle **holds** for every domain pair measured ({', '.join(by['holds'])}): "
                 "MAN's values move less and its ranking transfers better than frequency's and gate's, which is what "
                 "task-agnostic pruning with MAN or MSAN relies on.")
-    if by["holds"] or by["values only"]:
-        return (f"On this model the premise holds only in part (fully for: {', '.join(by['holds']) or 'no pair'}; for the values "
-                f"but not the ranking: {', '.join(by['values only']) or 'no pair'}; not at all: {', '.join(by['fails']) or 'no pair'}). "
-                "Since pruning uses only the ranking, this notebook does **not** show that MAN or MSAN is the safer "
-                "task-agnostic choice here.")
+    named = lambda outcome: ", ".join(by[outcome]) or "no pair"
+    if len(by["holds"]) + len(by["ranking only"]) == len(outcomes):
+        return (f"On this model the premise holds **for the ranking**, the part pruning uses, for every domain pair measured: "
+                f"MAN's ranking transfers better than frequency's and gate's (its values also move less for: {named('holds')}; "
+                f"not for: {named('ranking only')}). That is what task-agnostic pruning with MAN or MSAN relies on.")
+    if by["holds"] or by["values only"] or by["ranking only"]:
+        return (f"On this model the premise holds only in part (fully for: {named('holds')}; for the ranking but not the values: "
+                f"{named('ranking only')}; for the values but not the ranking: {named('values only')}; not at all: {named('fails')}). "
+                "Since pruning uses only the ranking and it does not transfer better for every pair, this notebook does **not** "
+                "show that MAN or MSAN is the safer task-agnostic choice here.")
     return ("On this model the premise **does not hold** for any domain pair measured: activation strength moves between "
             "calibration domains as much as frequency and gate do, so this notebook gives no reason to prefer MAN or MSAN "
             "for task-agnostic pruning here.")

@@ -255,14 +255,18 @@ def test_transfer_verdicts_follow_the_hand_computed_numbers():
     # MAN minus gate (the better rival here) per layer: 0.1, -0.1, 0.0 -> mean 0.00, noise 0.0577
     values_only = _transfer("code vs literature", {F: 0.3, G: 0.6, A: 0.6}, {F: 0.5, G: 0.4, A: 0.2},
                             {F: [0.3, 0.3, 0.3], G: [0.6, 0.7, 0.5], A: [0.7, 0.6, 0.5]})
-    fails = _transfer("math vs literature", {F: 0.5, G: 0.2, A: 0.9}, {F: 0.5, G: 0.3, A: 0.3},
-                      {F: [0.5, 0.4, 0.6], G: [0.3, 0.2, 0.1], A: [0.9, 0.8, 0.7]})
-    table = pd.concat([holds[0], values_only[0], fails[0]])
-    per_layer = pd.concat([holds[1], values_only[1], fails[1]], ignore_index=True)
+    # the same ranking as the first pair, but MAN's values move as much as the gate's (0.3 is not below 0.3)
+    ranking_only = _transfer("math vs literature", {F: 0.5, G: 0.2, A: 0.9}, {F: 0.5, G: 0.3, A: 0.3},
+                             {F: [0.5, 0.4, 0.6], G: [0.3, 0.2, 0.1], A: [0.9, 0.8, 0.7]})
+    # values as in the last pair, MAN's ranking the gate's (rival) exactly: difference 0, noise 0
+    fails = _transfer("code vs c4", {F: 0.1, G: 0.4, A: 0.4}, {F: 0.5, G: 0.3, A: 0.3},
+                      {F: [0.1, 0.1, 0.1], G: [0.5, 0.4, 0.3], A: [0.5, 0.4, 0.3]})
+    table = pd.concat([holds[0], values_only[0], ranking_only[0], fails[0]])
+    per_layer = pd.concat([holds[1], values_only[1], ranking_only[1], fails[1]], ignore_index=True)
     verdicts = transfer_verdicts(table, per_layer, ratio=0.5, num_experts=17)
-    assert list(verdicts.index) == ["code vs math", "code vs literature", "math vs literature"]
-    assert verdicts["outcome"].tolist() == ["holds", "values only", "fails"]
-    assert verdicts["rival"].tolist() == [F, G, F]
+    assert list(verdicts.index) == ["code vs math", "code vs literature", "math vs literature", "code vs c4"]
+    assert verdicts["outcome"].tolist() == ["holds", "values only", "ranking only", "fails"]
+    assert verdicts["rival"].tolist() == [F, G, F, G]
     assert verdicts.loc["code vs math", "difference"] == pytest.approx(0.30)
     assert verdicts.loc["code vs math", "noise"] == pytest.approx(0.10)
     assert verdicts.loc["code vs literature", "difference"] == pytest.approx(0.0, abs=1e-12)
@@ -278,6 +282,9 @@ def test_transfer_verdicts_follow_the_hand_computed_numbers():
     assert "transfers neither better nor worse than mean gate S(1,1,0)'s" in verdicts.loc["code vs literature", "text"]
     assert "**for the values but not for the ranking**" in verdicts.loc["code vs literature", "text"]
     assert "MAN moves not less" in verdicts.loc["math vs literature", "text"]
+    assert "**for the ranking but not for the values**" in verdicts.loc["math vs literature", "text"]
+    assert "the premise **does not hold** on this model" in verdicts.loc["code vs c4", "text"]
+    assert "(ρ difference +0.00 ± 0.00)" in verdicts.loc["code vs c4", "text"]
     worse = _transfer("a vs b", {F: 0.9, G: 0.2, A: 0.5}, {A: 0.1}, {F: [0.9, 0.8, 0.9], G: [0.2] * 3, A: [0.5, 0.5, 0.4]})
     assert "transfers worse than routing frequency's (ρ difference -0.40" in transfer_verdicts(*worse, ratio=0.25, num_experts=8).loc["a vs b", "text"]
     with pytest.raises(ValueError, match="at least 2"):
@@ -290,15 +297,20 @@ def test_transfer_verdicts_of_the_transfer_table_of_three_domains():
     table, per_layer = transfer_table({"a:code": _stats(0), "a:math": _stats(1), "a:literature": _stats(2)})
     verdicts = transfer_verdicts(table, per_layer, ratio=0.5, num_experts=8)
     assert list(verdicts.index) == ["code vs math", "code vs literature", "math vs literature"]
-    assert set(verdicts["outcome"]) <= {"holds", "values only", "fails"}
+    assert set(verdicts["outcome"]) <= {"holds", "values only", "ranking only", "fails"}
 
 
 def test_premise_verdict_names_the_pairs_of_each_outcome():
     assert premise_verdict({"code vs math": "holds", "code vs literature": "holds"}).startswith(
         "On this model the premise of the principle **holds** for every domain pair measured (code vs math, code vs literature)")
-    part = premise_verdict({"code vs math": "holds", "code vs literature": "values only", "math vs literature": "fails"})
-    assert part.startswith("On this model the premise holds only in part (fully for: code vs math; for the values but not the "
-                           "ranking: code vs literature; not at all: math vs literature).")
+    part = premise_verdict({"code vs math": "holds", "code vs literature": "values only", "math vs literature": "fails",
+                            "code vs c4": "ranking only"})
+    assert part.startswith("On this model the premise holds only in part (fully for: code vs math; for the ranking but not the "
+                           "values: code vs c4; for the values but not the ranking: code vs literature; not at all: math vs literature).")
+    ranking = premise_verdict({"code vs math": "ranking only", "code vs literature": "holds", "math vs literature": "ranking only"})
+    assert ranking.startswith("On this model the premise holds **for the ranking**, the part pruning uses, for every domain pair "
+                              "measured: MAN's ranking transfers better than frequency's and gate's (its values also move less for: "
+                              "code vs literature; not for: code vs math, math vs literature).")
     assert "does **not** show that MAN or MSAN" in part
     assert "fully for: no pair" in premise_verdict({"x vs y": "values only"})
     assert premise_verdict(pd.Series({"x vs y": "fails", "x vs z": "fails"})).startswith("On this model the premise **does not hold**")
