@@ -18,15 +18,20 @@ The block input is the unpruned model's hidden state, so output errors isolate o
 criterion's scores and each damage measure: a criterion that predicts damage well ranks
 experts the way removing them hurts.
 
+`zeroed_gates` is the model of steps 1-4 of the derivation (notebook 00): the removed experts'
+gates set to zero, nothing re-routed or renormalised, beside `mask_experts`' pruned model.
+
 The analysis that notebooks 00 and 03 report lives here too, so it is tested:
 `transfer_table` (do frequency, gate and activation strength rank experts alike on two
-calibration domains?), `calibration_setting` (matched / mismatched / mixed) and
-`principle_check` (does the selection principle's prediction hold for each setting?).
+calibration domains?), `transfer_verdicts` and `premise_verdict` (what that table says, in
+words), `calibration_setting` (matched / mismatched / mixed) and `principle_check` (does the
+selection principle's prediction hold for each setting?).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +41,7 @@ from torch import nn
 
 from .architecture import find_moe_layers
 from .criteria import MONE, Criterion, ExpertScores, criterion_grid, expert_scores, get_criterion
-from .pruning import mask_experts, select_experts
+from .pruning import _normalise_keep, mask_experts, select_experts
 from .statistics import ExpertStatistics
 
 MEASURES = ("output_sq", "output_norm", "loss_change", "direct_sq")
@@ -222,6 +227,40 @@ def expert_damage(
     )
 
 
+@contextmanager
+def zeroed_gates(model: nn.Module, keep, *, layers=None):
+    """Remove the experts not in `keep` WITHOUT re-routing while the context is open: their gates are 0.
+
+    Every token keeps the top-k experts it chose and the gates the router gave them; only the
+    gates of removed experts are set to zero before the experts module sums the chosen experts'
+    outputs (no renormalisation, no substitute expert). This is the model of steps 1-4 of the
+    derivation (notebook 00), the one whose output error the moments S(0, p, p) measure exactly;
+    `mask_experts` gives the model pruning produces (re-routed). keep: one list of kept expert
+    indices per MoE layer, as for `mask_experts`. The hooks are removed on exit, whether or not
+    the body raised.
+    """
+    layers = list(layers) if layers is not None else find_moe_layers(model)
+    keep = _normalise_keep(layers, keep, groups=False)
+
+    def zero(removed: torch.Tensor):
+        def hook(module, args):  # args: hidden (T, H), top_k_index (T, k), top_k_weights (T, k), ...
+            index, gates = args[1], args[2]
+            return (args[0], index, gates * ~torch.isin(index, removed.to(index.device)), *args[3:])
+        return hook
+
+    handles = []
+    try:
+        for layer, kept in zip(layers, keep):
+            removed = torch.ones(layer.num_experts, dtype=torch.bool)
+            removed[kept] = False
+            if removed.any():
+                handles.append(layer.experts.register_forward_pre_hook(zero(torch.nonzero(removed).flatten())))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def damage_correlation(
     stats: ExpertStatistics,
     damage: ExpertDamage,
@@ -322,6 +361,113 @@ def transfer_table(domain_stats: Mapping[str, ExpertStatistics], *, ratio: float
                              "min ρ over layers": np.nanmin(rhos), "median relative change": np.median(relative),
                              "spread across experts (CV)": spread, "kept overlap": _jaccard(*kept)})
     return pd.DataFrame(rows).set_index(["pair", "quantity"]), pd.DataFrame(per_layer)
+
+
+TRANSFER_OUTCOMES = ("holds", "values only", "ranking only", "fails")  # transfer_verdicts' outcomes, premise_verdict's input
+
+
+def transfer_verdicts(transfer: pd.DataFrame, per_layer: pd.DataFrame, *, ratio: float, num_experts: int) -> pd.DataFrame:
+    """What `transfer_table` says about the principle's premise, per pair of domains, in words (notebook 00, §7).
+
+    For each pair: the rival is the better transferring of routing frequency and mean gate (higher
+    mean Spearman ρ in `transfer`); MAN's ranking transfers better (worse) than the rival's when the
+    mean over layers of MAN's ρ minus the rival's exceeds (falls below minus) its standard error over
+    layers (the noise; infinite with one layer). MAN's values move less when its median relative
+    change is below both frequency's and gate's. The outcome is ``"holds"`` (values move less and
+    the ranking transfers better), ``"values only"`` (values move less, ranking not better),
+    ``"ranking only"`` (ranking better, values not less) or ``"fails"`` (neither).
+    transfer, per_layer: `transfer_table`'s two frames. ratio: the fraction removed its kept overlap used.
+    num_experts: experts per layer, for the scatter of one layer's ρ without any relation, 1/sqrt(E - 1).
+    Returns one row per pair (index ``pair``): ``outcome``, ``rival``, ``difference``, ``noise`` and
+    ``text``, three Markdown paragraphs built from these numbers.
+    """
+    if num_experts < 2:
+        raise ValueError(f"num_experts must be at least 2 (a ranking needs two experts), got {num_experts}")
+    if transfer.empty:
+        raise ValueError("the transfer table is empty: it needs at least two calibration domains")
+    F, G, A, Q = "routing frequency", "mean gate S(1,1,0)", "MAN S(1,0,1)", "MSAN S(1,0,2)"
+    rows = {}
+    for pair, table in transfer.groupby(level="pair", sort=False):
+        t = table.droplevel("pair")
+        missing = [q for q in (F, G, A, Q, "S(0,1,1)/N", "S(0,2,2)/N") if q not in t.index]
+        if missing:
+            raise ValueError(f"{pair}: the transfer table lacks {missing} (made by transfer_table?)")
+        rho, change, spread, overlap = t["mean Spearman ρ"], t["median relative change"], t["spread across experts (CV)"], t["kept overlap"]
+        layer_rho = per_layer[per_layer["pair"] == pair].pivot(index="layer", columns="quantity", values="rho")
+        rival = F if rho[F] >= rho[G] else G
+        difference = layer_rho[A] - layer_rho[rival]
+        mean = float(difference.mean())
+        noise = float(difference.std(ddof=1) / np.sqrt(len(difference))) if len(difference) > 1 else float("inf")
+        if mean > noise:
+            ranking = f"MAN's ranking transfers better than {rival}'s (ρ difference {mean:+.2f} ± {noise:.2f} over layers)"
+        elif mean < -noise:
+            ranking = f"MAN's ranking transfers worse than {rival}'s (ρ difference {mean:+.2f} ± {noise:.2f} over layers)"
+        else:
+            ranking = (f"MAN's ranking transfers neither better nor worse than {rival}'s beyond the layer-to-layer noise "
+                       f"(ρ difference {mean:+.2f} ± {noise:.2f})")
+        less = bool(change[A] < min(change[F], change[G]))
+        closer = bool(spread[A] < min(spread[F], spread[G]))
+        better = mean > noise
+        outcome = {(True, True): "holds", (True, False): "values only", (False, True): "ranking only", (False, False): "fails"}[less, better]
+        verdict = {
+            "holds": "the premise **holds** on this model: activation strength moves less between domains and its ranking transfers better",
+            "values only": ("the premise holds **for the values but not for the ranking**: activation strength moves less between "
+                            f"domains, yet the experts' order by it is no more stable than by {rival}, and pruning uses only the order"),
+            "ranking only": ("the premise holds **for the ranking but not for the values**: activation strength's values move no less "
+                             f"than frequency's or gate's, yet the experts' order by it transfers better than by {rival}, "
+                             "and pruning uses only the order"),
+            "fails": ("the premise **does not hold** on this model: activation strength's values move no less than frequency's "
+                      f"or gate's, and the experts' order by it transfers no better than by {rival}"),
+        }[outcome]
+        text = "\n\n".join([
+            f"**{pair}.** Mean within-layer Spearman ρ of the expert ranking between the two domains: routing frequency {rho[F]:.2f}, "
+            f"mean gate {rho[G]:.2f}, MAN {rho[A]:.2f}, MSAN {rho[Q]:.2f}; the full damage estimates S(0,1,1) {rho['S(0,1,1)/N']:.2f}, "
+            f"S(0,2,2) {rho['S(0,2,2)/N']:.2f}.",
+            f"Values: MAN moves {'less' if less else 'not less'} than frequency and gate (median relative change MAN {change[A]:.2f}, "
+            f"MSAN {change[Q]:.2f}, frequency {change[F]:.2f}, gate {change[G]:.2f}); its experts lie "
+            f"{'closer together' if closer else 'no closer together'} than by frequency and gate (spread MAN {spread[A]:.2f}, "
+            f"frequency {spread[F]:.2f}, gate {spread[G]:.2f}). Ranking: {ranking}. Kept sets at {ratio:.0%} removed that both "
+            f"domains agree on (Jaccard): MAN {overlap[A]:.2f}, MSAN {overlap[Q]:.2f}, frequency {overlap[F]:.2f}, "
+            f"gate {overlap[G]:.2f}, S(0,2,2) {overlap['S(0,2,2)/N']:.2f}.",
+            f"In short, {verdict}. (With {num_experts} experts, one layer's ρ scatters by about ±{1 / np.sqrt(num_experts - 1):.2f} "
+            "even without any relation.)",
+        ])
+        rows[pair] = {"outcome": outcome, "rival": rival, "difference": mean, "noise": noise, "text": text}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("pair")
+
+
+def premise_verdict(outcomes: Mapping[str, str]) -> str:
+    """One sentence on the principle's premise over every pair of domains measured (notebook 00's closing).
+
+    outcomes: pair -> outcome of `transfer_verdicts` (its ``outcome`` column, a Series, will do).
+    The premise holds when it holds for every pair; for the ranking (what pruning uses) when MAN's
+    ranking transfers better for every pair; in part when it holds in any way for some pair;
+    otherwise it does not hold.
+    """
+    outcomes = dict(outcomes)
+    if not outcomes:
+        raise ValueError("no domain pairs: the premise needs statistics on at least two calibration domains")
+    unknown = sorted({o for o in outcomes.values() if o not in TRANSFER_OUTCOMES})
+    if unknown:
+        raise ValueError(f"unknown outcomes {unknown}; transfer_verdicts gives {', '.join(TRANSFER_OUTCOMES)}")
+    by = {o: [p for p, x in outcomes.items() if x == o] for o in TRANSFER_OUTCOMES}
+    if len(by["holds"]) == len(outcomes):
+        return (f"On this model the premise of the principle **holds** for every domain pair measured ({', '.join(by['holds'])}): "
+                "MAN's values move less and its ranking transfers better than frequency's and gate's, which is what "
+                "task-agnostic pruning with MAN or MSAN relies on.")
+    named = lambda outcome: ", ".join(by[outcome]) or "no pair"
+    if len(by["holds"]) + len(by["ranking only"]) == len(outcomes):
+        return (f"On this model the premise holds **for the ranking**, the part pruning uses, for every domain pair measured: "
+                f"MAN's ranking transfers better than frequency's and gate's (its values also move less for: {named('holds')}; "
+                f"not for: {named('ranking only')}). That is what task-agnostic pruning with MAN or MSAN relies on.")
+    if by["holds"] or by["values only"] or by["ranking only"]:
+        return (f"On this model the premise holds only in part (fully for: {named('holds')}; for the ranking but not the values: "
+                f"{named('ranking only')}; for the values but not the ranking: {named('values only')}; not at all: {named('fails')}). "
+                "Since pruning uses only the ranking and it does not transfer better for every pair, this notebook does **not** "
+                "show that MAN or MSAN is the safer task-agnostic choice here.")
+    return ("On this model the premise **does not hold** for any domain pair measured: activation strength moves between "
+            "calibration domains as much as frequency and gate do, so this notebook gives no reason to prefer MAN or MSAN "
+            "for task-agnostic pruning here.")
 
 
 # What the principle predicts per setting, for damage predicted from calibration statistics.

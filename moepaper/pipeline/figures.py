@@ -18,7 +18,8 @@ enlarged before saving (`small_text` lists it; the tests check every figure func
 - `plot_damage_correlation`: criteria sorted by their Spearman correlation with measured
   damage (notebook 03), with bootstrap intervals over layers.
 - `plot_rank_intervals`: average ranks with bootstrap intervals, per setting, models side by side.
-- `plot_transfer`: each factor of the score between two calibration domains (notebook 00, §7).
+- `plot_transfer`: each factor of the score between calibration domains, every pair (notebook 00, §7).
+- `plot_moe_layer`: a diagram of one MoE layer for one token: router, top-k gates, experts, weighted sum (notebook 00, §1).
 - `plot_damage_by_expert`: the measured damage of removing each expert, per layer and domain (notebook 03).
 `text_overlaps` and `legend_overlaps_data` find texts drawn over each other and legends drawn over
 data (`save_figure` warns of both; the tests require none of every figure function).
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.patches import FancyBboxPatch, Rectangle
 
 from ..criteria import AIMER, CRITERIA, MONE, MONE_RANKING, WeightCriterion, criterion_grid, expert_scores, resolve_criteria
 from ..project import check_writable
@@ -823,14 +824,21 @@ TRANSFER_SHOWN = {  # plot_transfer: quantity of `moepaper.damage.transfer_facto
 }
 
 
+def _pair(first: str, second: str) -> str:
+    """A pair of calibration domains as `moepaper.damage.transfer_table` names it ("code vs math")."""
+    return f"{first.split(':')[-1]} vs {second.split(':')[-1]}"
+
+
 def plot_transfer(domain_stats, per_layer: pd.DataFrame | None = None, *, domains: Sequence[str] | None = None,
                   scattered: Sequence[str] = ("routing frequency", "mean gate S(1,1,0)", "MAN S(1,0,1)")):
-    """Does each factor of the score rank experts alike on two calibration domains? (notebook 00, §7)
+    """Does each factor of the score rank experts alike on different calibration domains? (notebook 00, §7)
 
     Top: one panel per factor in `scattered`, every expert of every MoE layer at (its value on the
     first domain, its value on the second), the diagonal dashed; the title gives the mean
-    within-layer Spearman ρ. Bottom: that ρ per layer for each quantity of `TRANSFER_SHOWN`.
-    domain_stats: calibration source -> `ExpertStatistics` (the first two, or `domains`, are compared);
+    within-layer Spearman ρ. Bottom: that ρ per layer for each quantity of `TRANSFER_SHOWN`, one
+    panel per pair of domains (three domains: three panels).
+    domain_stats: calibration source -> `ExpertStatistics`; `domains` (default: all of them, at least
+    two) are compared, the first two in the scatter panels.
     per_layer: `moepaper.damage.transfer_table`'s per-layer ρ (computed here when None).
     """
     import seaborn as sns
@@ -839,16 +847,22 @@ def plot_transfer(domain_stats, per_layer: pd.DataFrame | None = None, *, domain
     from ..damage import transfer_factors, transfer_table
 
     set_style()
-    first, second = (list(domains) if domains is not None else list(domain_stats))[:2]
-    pair = f"{first.split(':')[-1]} vs {second.split(':')[-1]}"
+    names = list(domains) if domains is not None else list(domain_stats)
+    if len(names) < 2:
+        raise ValueError(f"plot_transfer compares calibration domains: it needs at least two, got {names}")
+    first, second = names[:2]
+    pairs = [_pair(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     if per_layer is None:
-        per_layer = transfer_table({first: domain_stats[first], second: domain_stats[second]})[1]
-    rows = per_layer[per_layer["pair"] == pair]
+        per_layer = transfer_table({name: domain_stats[name] for name in names})[1]
+    missing = [p for p in pairs if p not in set(per_layer["pair"])]
+    if missing:
+        raise ValueError(f"per_layer holds no ρ of {missing} (pairs: {sorted(set(per_layer['pair']))})")
     stats = domain_stats[first]
     fa, fb = transfer_factors(stats), transfer_factors(domain_stats[second])
+    scatter_rows = per_layer[per_layer["pair"] == pairs[0]]
     E = min(stats.num_experts)
-    fig = Figure(figsize=(FIGURE_WIDTH, 6.6), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1.2, 1.0])
+    fig = Figure(figsize=(FIGURE_WIDTH, 6.6 + 1.9 * (len(pairs) - 1)), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.2, 1.0 + 0.85 * (len(pairs) - 1)])
     axes = top.subplots(1, len(scattered))
     colors = sns.color_palette("crest", len(stats.layers))
     for ax, name in zip(np.atleast_1d(axes), scattered):
@@ -867,33 +881,132 @@ def plot_transfer(domain_stats, per_layer: pd.DataFrame | None = None, *, domain
             ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
             ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
         ax.plot(ends, ends, color="#999999", linestyle="--", linewidth=1)
-        rho = rows[rows["quantity"] == name]["rho"].mean()
+        rho = scatter_rows[scatter_rows["quantity"] == name]["rho"].mean()
         ax.set_title(f"{TRANSFER_SHOWN.get(name, name)}\nρ = {rho:.2f}")
         ax.tick_params(axis="x", labelrotation=0)
     np.atleast_1d(axes)[0].set_ylabel(f"on {second.split(':')[-1]}")
     top.supxlabel(f"value on {first.split(':')[-1]} (each dot an expert; dashed: equal)", fontsize=10)
     handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
     top.legend(handles, labels, loc="outside right", markerscale=1.6, handletextpad=0.2)
-    ax = bottom.subplots()
-    bars = rows[rows["quantity"].isin(TRANSFER_SHOWN)]
-    quantities = [q for q in TRANSFER_SHOWN if q in set(bars["quantity"])]
-    layers = sorted(bars["layer"].unique())
+    bar_axes = bottom.subplots(len(pairs), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
+    shown = per_layer[per_layer["pair"].isin(pairs) & per_layer["quantity"].isin(TRANSFER_SHOWN)]
+    quantities = [q for q in TRANSFER_SHOWN if q in set(shown["quantity"])]
+    layers = sorted(shown["layer"].unique())
     width = 0.8 / max(len(quantities), 1)
     palette = sns.color_palette("colorblind", len(quantities))
-    for k, quantity in enumerate(quantities):
-        part = bars[bars["quantity"] == quantity].set_index("layer").reindex(layers)
-        ax.bar(np.arange(len(layers)) + (k - (len(quantities) - 1) / 2) * width, part["rho"], width=width, color=palette[k],
-               label=TRANSFER_SHOWN[quantity], linewidth=0)
-    ax.axhline(0, color="#555555", linewidth=0.8)
-    ax.set_xticks(range(len(layers)), [str(l) for l in layers])
-    ax.set_xlabel("MoE layer")
-    ax.set_ylabel(f"Spearman ρ, {pair}")
-    ax.set_ylim(min(-0.1, float(bars["rho"].min()) - 0.05) if len(bars) else -0.1, 1.05)
-    ax.grid(axis="x", visible=False)
-    ax.set_title("does the ranking of experts transfer? (per layer)")
-    bottom.legend(loc="outside right", handlelength=1.0)
+    for ax, pair in zip(bar_axes, pairs):
+        bars = shown[shown["pair"] == pair]
+        for k, quantity in enumerate(quantities):
+            part = bars[bars["quantity"] == quantity].set_index("layer").reindex(layers)
+            ax.bar(np.arange(len(layers)) + (k - (len(quantities) - 1) / 2) * width, part["rho"], width=width, color=palette[k],
+                   label=TRANSFER_SHOWN[quantity], linewidth=0)
+        ax.axhline(0, color="#555555", linewidth=0.8)
+        ax.set_ylabel("Spearman ρ")
+        ax.grid(axis="x", visible=False)
+        ax.set_title(f"{pair}: does the ranking of experts transfer?" if len(pairs) > 1
+                     else "does the ranking of experts transfer? (per layer)")
+    bar_axes[-1].set_xticks(range(len(layers)), [str(l) for l in layers])
+    bar_axes[-1].set_xlabel("MoE layer")
+    bar_axes[-1].set_ylim(min(-0.1, float(shown["rho"].min()) - 0.05) if len(shown) else -0.1, 1.05)
+    if len(pairs) == 1:
+        bar_axes[0].set_ylabel(f"Spearman ρ, {pairs[0]}")
+    bottom.legend(*bar_axes[0].get_legend_handles_labels(), loc="outside right", handlelength=1.0)
     model = Path(stats.metadata.get("model_name") or "").name
-    fig.suptitle(f"{model + ': ' if model else ''}the score's factors on two calibration domains ({pair})")
+    what = f"two calibration domains ({pairs[0]})" if len(pairs) == 1 else f"{len(names)} calibration domains"
+    fig.suptitle(f"{model + ': ' if model else ''}the score's factors on {what}")
+    return fig
+
+
+def _moe_rows(num_experts: int, chosen: list[int], shown: int) -> list[tuple[str, int, int]]:
+    """Rows of `plot_moe_layer`: ("expert", j, 0) for each expert drawn, then ("more", n, m) when n
+    further experts (m of them chosen) are summarised in one row."""
+    if num_experts <= shown:
+        return [("expert", j, 0) for j in range(num_experts)]
+    drawn = shown - 1
+    rest = num_experts - drawn
+    return [("expert", j, 0) for j in range(drawn)] + [("more", rest, sum(j >= drawn for j in chosen))]
+
+
+def plot_moe_layer(num_experts: int = 8, top_k: int = 2, *, chosen: Sequence[int] | None = None,
+                   gates: Sequence[float] | None = None, shown: int = 8):
+    """A diagram of one MoE layer for one token (notebook 00, §1): token → router → top-k gates →
+    experts → gate-weighted sum.
+
+    The router scores all `num_experts` experts and keeps `top_k`; the chosen experts (coloured)
+    compute their outputs f_i, each weighted by its gate g_i on its way to the sum y = Σ g_i f_i; the
+    others (grey) are not computed for this token but stay stored. At most `shown` rows of experts
+    are drawn: with more experts, the last row stands for the rest ("⋮ n more, m of them chosen").
+    chosen: the top-k experts of the token (default: spread over the drawn rows); gates: their
+    gates, in the order of `chosen` (default: decreasing, summing to 1; illustrative values).
+    """
+    set_style()
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must lie in 1..num_experts={num_experts}, got {top_k}")
+    if shown < 3:
+        raise ValueError(f"shown must be at least 3 rows, got {shown}")
+    drawn = num_experts if num_experts <= shown else shown - 1
+    if chosen is None:
+        # summarising (more experts than rows): a few of the drawn experts chosen, the rest of the top-k among the summarised
+        visible = min(top_k, max(1, drawn // 3)) if num_experts > shown else top_k
+        picked = [int((i + 0.5) * drawn / visible) for i in range(visible)]
+        rest = [j for j in range(drawn, num_experts)][: top_k - visible]  # the chosen that are not drawn
+        chosen = picked + rest
+    chosen = [int(j) for j in chosen]
+    if len(chosen) != top_k or len(set(chosen)) != top_k or not all(0 <= j < num_experts for j in chosen):
+        raise ValueError(f"chosen must be {top_k} distinct experts of 0..{num_experts - 1}, got {chosen}")
+    if gates is None:
+        weights = 0.75 ** np.arange(top_k)
+        gates = list(weights / weights.sum())
+    gates = [float(g) for g in gates]
+    if len(gates) != top_k:
+        raise ValueError(f"gates must give one gate per chosen expert ({top_k}), got {len(gates)}")
+    gate_of = dict(zip(chosen, gates))
+    rows = _moe_rows(num_experts, chosen, shown)
+    n = len(rows)
+    fig = Figure(figsize=(FIGURE_WIDTH, 0.36 * n + 1.5), layout="constrained")
+    ax = fig.subplots()
+    ax.set_xlim(0, 10)
+    ax.set_ylim(-1.3, n + 0.1)
+    ax.axis("off")
+    on, off, edge = "#cfe2f3", "#f0f0f0", "#0173b2"
+    ys = [n - 0.5 - r for r in range(n)]  # row centres, top to bottom
+    middle = (ys[0] + ys[-1]) / 2
+
+    def box(x0, x1, y, text, *, fill="white", color="#222222", line=edge, height=0.7, **kw):
+        ax.add_patch(FancyBboxPatch((x0, y - height / 2), x1 - x0, height, boxstyle="round,pad=0,rounding_size=0.12",
+                                    facecolor=fill, edgecolor=line, linewidth=1.0))
+        ax.text((x0 + x1) / 2, y, text, ha="center", va="center", color=color, fontsize=10, **kw)
+
+    def arrow(x0, y0, x1, y1, color="#444444"):
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="-|>", color=color, linewidth=1.0,
+                                                                       shrinkA=0, shrinkB=0))
+
+    box(0.05, 1.35, middle, "token\n$x_t$", height=1.2)
+    box(2.0, 4.05, middle, f"router\nscores all {num_experts},\nkeeps top-{top_k}", height=1.9)
+    arrow(1.35, middle, 2.0, middle)
+    for (kind, value, more_chosen), y in zip(rows, ys):
+        if kind == "more":
+            label = f"⋮ {value} more" + (f" ({more_chosen} chosen)" if more_chosen else "")
+            ax.text(5.6, y, label, ha="center", va="center", fontsize=10, color="#555555")
+            continue
+        j = value
+        if j in gate_of:
+            box(4.8, 6.4, y, f"expert {j}", fill=on)
+            arrow(4.05, middle, 4.8, y, color=edge)
+            arrow(6.4, y, 7.85, middle, color=edge)
+            above = y >= middle  # the label on the side of the arrow away from the sum, never crossed by it
+            ax.text(6.5, y + (0.12 if above else -0.12), f"× {gate_of[j]:.2f}", ha="left", va="bottom" if above else "top",
+                    fontsize=10, color=edge)
+        else:
+            box(4.8, 6.4, y, f"expert {j}", fill=off, color="#999999", line="#bbbbbb")
+    box(7.85, 8.75, middle, "Σ", height=0.9, fontweight="bold")
+    box(9.25, 9.95, middle, "$y_t$", height=0.9)
+    arrow(8.75, middle, 9.25, middle)
+    ax.text(5.0, -0.45, "blue: chosen, output f computed and weighted by its gate g (× g)",
+            ha="center", va="center", fontsize=10, color=edge)
+    ax.text(5.0, -1.0, "grey: not chosen for this token, not computed (still stored)",
+            ha="center", va="center", fontsize=10, color="#777777")
+    fig.suptitle(f"one token through one MoE layer: top-{top_k} of {num_experts} experts, $y_t = \\Sigma_i\\, g_i f_i$")
     return fig
 
 

@@ -27,6 +27,7 @@ from moepaper.pipeline.figures import (
     plot_frequency_vs_norm,
     plot_grid_heatmap,
     plot_kept_overlap,
+    plot_moe_layer,
     plot_rank_correlation,
     plot_rank_intervals,
     plot_rank_report,
@@ -133,6 +134,7 @@ def _rank_report() -> pd.DataFrame:
 
 def _figures(results, stats):
     domain_stats = {"toy:code": _statistics(4), "toy:literature": _statistics(5)}
+    three_domains = {"toy:code": _statistics(4), "toy:math": _statistics(6), "toy:literature": _statistics(5)}
     return {
         "grid_heatmap": lambda: plot_grid_heatmap(results, calibration="toy:mixed", ratio=0.25),
         "score_vs_ratio": lambda: plot_score_vs_ratio(results, calibration="toy:mixed"),
@@ -143,12 +145,16 @@ def _figures(results, stats):
         "rank_intervals": lambda: plot_rank_intervals(_boot()),
         "rank_report": lambda: plot_rank_report(_rank_report()),
         "transfer": lambda: plot_transfer(domain_stats, transfer_table(domain_stats)[1]),
+        "transfer_three_domains": lambda: plot_transfer(three_domains, transfer_table(three_domains)[1]),
+        "moe_layer": lambda: plot_moe_layer(num_experts=8, top_k=2),
+        "moe_layer_summarised": lambda: plot_moe_layer(num_experts=EXPERTS, top_k=TOP_K),
         "damage_by_expert": lambda: plot_damage_by_expert(_damage_frame()),
     }
 
 
 FIGURES = ["grid_heatmap", "score_vs_ratio", "kept_overlap", "rank_correlation", "frequency_vs_norm", "damage_correlation",
-           "rank_intervals", "rank_report", "transfer", "damage_by_expert"]
+           "rank_intervals", "rank_report", "transfer", "transfer_three_domains", "moe_layer", "moe_layer_summarised",
+           "damage_by_expert"]
 
 
 @pytest.mark.parametrize("name", FIGURES)
@@ -185,6 +191,33 @@ def test_damage_by_expert_labels_every_eighth_expert():
     bottom = fig.axes[LAYERS - 1]
     assert list(bottom.get_xticks()) == list(range(0, EXPERTS, 8))
     assert [ax.get_ylabel() for ax in fig.axes[:LAYERS]] == [f"layer {l}" for l in range(LAYERS)]
+
+
+def test_transfer_figure_has_one_ranking_panel_per_pair_of_domains():
+    three = {"toy:code": _statistics(4), "toy:math": _statistics(6), "toy:literature": _statistics(5)}
+    fig = plot_transfer(three)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert [t for t in titles if "does the ranking" in t] == [
+        f"{pair}: does the ranking of experts transfer?" for pair in ("code vs math", "code vs literature", "math vs literature")]
+    with pytest.raises(ValueError, match="at least two"):
+        plot_transfer(three, domains=["toy:code"])
+
+
+def test_moe_layer_diagram_draws_the_chosen_experts_and_their_gates():
+    from matplotlib.patches import FancyBboxPatch
+
+    fig = plot_moe_layer(num_experts=8, top_k=2, chosen=[6, 1], gates=[0.7, 0.3])
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert [f"expert {j}" for j in range(8)] == [t for t in texts if t.startswith("expert")]
+    assert "× 0.70" in texts and "× 0.30" in texts
+    coloured = [p for p in fig.axes[0].patches if isinstance(p, FancyBboxPatch) and p.get_facecolor()[:3] != (1.0, 1.0, 1.0)]
+    assert len(coloured) == 8  # two chosen, six grey
+    summarised = [t.get_text() for t in plot_moe_layer(num_experts=64, top_k=8).axes[0].texts]
+    assert "⋮ 57 more (6 chosen)" in summarised and sum(t.startswith("× ") for t in summarised) == 2
+    with pytest.raises(ValueError, match="distinct experts"):
+        plot_moe_layer(num_experts=8, top_k=2, chosen=[1, 1])
+    with pytest.raises(ValueError, match="top_k"):
+        plot_moe_layer(num_experts=4, top_k=5)
 
 
 def _old_transfer_figure(domain_stats, per_layer):
