@@ -28,6 +28,7 @@ data (`save_figure` warns of both; the tests require none of every figure functi
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -629,8 +630,11 @@ def _matrix_panels(values: np.ndarray, stats: ExpertStatistics, criteria, layers
     ax = top.subplots()
     ax.grid(False)
     mean = np.nanmean(values, axis=0)
-    # ".68", "-.12", "1": a cell 9 criteria wide holds three characters at 9.5 pt, not "0.68"
-    cells = np.vectorize(lambda v: "" if np.isnan(v) else "1" if v >= 0.995 else f"{v:.2f}".replace("0.", ".", 1))(mean)
+    # ".68", "1", "~0", "-.1": a cell 9 criteria wide holds three characters at 9.5 pt, not "0.68" or
+    # "-.12" (a row of negative values ran together): |v| < .05 is "~0", a negative value has one decimal
+    cells = np.array([["" if np.isnan(v) else "1" if v >= 0.995 else "~0" if abs(v) < 0.05
+                       else f"{v:.1f}".replace("0.", ".", 1) if v < 0 else f"{v:.2f}".replace("0.", ".", 1) for v in row]
+                      for row in mean], dtype=object)
     sns.heatmap(mean, ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=True, annot=cells if len(names) <= 10 else False,
                 fmt="", annot_kws={"fontsize": 9.5}, xticklabels=names, yticklabels=names, cbar_kws={"shrink": 0.8})
     ax.tick_params(axis="x", labelrotation=90)
@@ -642,7 +646,7 @@ def _matrix_panels(values: np.ndarray, stats: ExpertStatistics, criteria, layers
                     yticklabels=False)
         lax.set_title(f"layer {stats.layers[p]}")
     bottom.supxlabel("single layers, same colours and criterion order as above")
-    fig.suptitle(title)
+    fig.suptitle("\n".join(textwrap.wrap(title, 80)))  # a long model or calibration name wraps, within the width
     return fig
 
 

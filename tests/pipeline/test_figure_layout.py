@@ -252,3 +252,23 @@ def test_the_check_catches_the_old_overlapping_transfer_figure():
     fig = _old_transfer_figure(domain_stats, transfer_table(domain_stats)[1])
     enforce_readable(fig)  # what save_figure did to it: 9 pt at 16 cm is 17 pt on a 12-inch figure
     assert text_overlaps(fig) or legend_overlaps_data(fig)
+
+
+def test_matrix_annotations_hold_three_characters_and_small_negatives_do_not_run_together(stats, monkeypatch):
+    """A row of small negative correlations ("-.02-.03-.04" on the default model's mixed statistics,
+    "-.19" beside "-.15" on its code statistics) ran together: |rho| < .05 is annotated "~0" and a
+    negative value with one decimal, so every annotation is at most three characters and none overlap."""
+    import moepaper.pipeline.figures as figures
+
+    names = len(NAMED) - 2  # the statistics criteria the matrix shows
+    values = np.full((LAYERS, names, names), 0.5)
+    values[:, 0, 3:6] = values[:, 3:6, 0] = [-0.02, -0.03, -0.04]
+    values[:, 1, 3:6] = values[:, 3:6, 1] = [-0.19, -0.15, -0.12]
+    for k in range(names):
+        values[:, k, k] = 1.0
+    monkeypatch.setattr(figures, "rank_correlation", lambda stats, criteria=None: values[:, :names, :names])
+    fig = plot_rank_correlation(stats)
+    enforce_readable(fig)
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    assert {"~0", "-.2", "-.1", ".50", "1"} <= texts and max(len(t) for t in texts) <= 3
+    assert text_overlaps(fig) == []
