@@ -754,7 +754,7 @@ def _worker_start(job: dict) -> None:
 
 
 def _worker_load(job: dict) -> None:
-    from . import load_model
+    from .models import load_model
 
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
