@@ -728,10 +728,10 @@ def _evaluate_in_workers(model, stats, layers, *, workers, load, on_entry, progr
     if not planned:
         return
     entries = _entries(job["criteria"], job["ratios"], job["calibration"], job["include_unpruned"])
-    job = {**job, "statistics_path": str(job["statistics_path"]), "load": dict(load)}
+    job = {**job, "statistics_path": str(job["statistics_path"])}  # `_sweep`'s keyword arguments, for each worker
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool inherited
     n = min(workers, len(planned))
-    with context.Pool(n, initializer=_worker_start, initargs=(job,)) as pool:
+    with context.Pool(n, initializer=_worker_start, initargs=(dict(load), job)) as pool:
         done = pool.imap_unordered(_worker_entry, planned)
         for i, paths in tqdm(done, total=len(planned), desc=f"sweep {job['model_name']} / {job['calibration']} ({n} workers)",
                              unit="entry", disable=not progress):
@@ -744,25 +744,25 @@ def _evaluate_in_workers(model, stats, layers, *, workers, load, on_entry, progr
 _WORKER: dict = {}
 
 
-def _worker_start(job: dict) -> None:
+def _worker_start(load: dict, job: dict) -> None:
     """A worker's model and statistics, checked against the parent's. An error is kept and raised by
     `_worker_entry`, so that it reaches the sweep (a pool's initializer that raises is only restarted)."""
     try:
-        _worker_load(job)
+        _worker_load(load, job)
     except Exception as error:  # noqa: BLE001 (raised again, with its message, in the sweep's process)
         _WORKER["error"] = error
 
 
-def _worker_load(job: dict) -> None:
+def _worker_load(load: dict, job: dict) -> None:
     from .models import load_model
 
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
-    model, tokenizer = load_model(**job["load"])
+    model, tokenizer = load_model(**load)
     found = weights_fingerprint(model)
     if found != job["settings"]["model_id"]:
-        raise RuntimeError(f"a sweep worker loaded load_model(**{job['load']}) with weights {found}, not the sweep's "
+        raise RuntimeError(f"a sweep worker loaded load_model(**{load}) with weights {found}, not the sweep's "
                            f"model ({job['settings']['model_id']}): pass the spec of the model being swept as load")
     stats = ExpertStatistics.load(job["statistics_path"])
     if stats.checksum != job["stats_hash"]:
@@ -776,15 +776,10 @@ def _worker_load(job: dict) -> None:
 def _worker_entry(i: int) -> tuple[int, list[Path]]:
     if "error" in _WORKER:
         raise _WORKER["error"]
-    w, job = _WORKER, _WORKER["job"]
+    w = _WORKER
     written: list[Path] = []
-    _sweep(w["model"], w["tokenizer"], w["stats"], w["layers"], criteria=job["criteria"], ratios=job["ratios"],
-           suite=job["suite"], setting=job["setting"], model_name=job["model_name"], calibration=job["calibration"],
-           statistics_path=job["statistics_path"], out_dir=job["out_dir"], limit=job["limit"],
-           batch_size=job["batch_size"], seed=job["seed"], include_unpruned=job["include_unpruned"],
-           allow_code_execution=job["allow_code_execution"], apply_chat_template=job["apply_chat_template"],
-           progress=False, reuse_identical=False, on_entry=lambda entry, paths: written.extend(paths),
-           stats_hash=job["stats_hash"], settings=job["settings"], only={i})
+    _sweep(w["model"], w["tokenizer"], w["stats"], w["layers"], **{**w["job"], "reuse_identical": False}, progress=False,
+           on_entry=lambda entry, paths: written.extend(paths), only={i})
     return i, written
 
 
