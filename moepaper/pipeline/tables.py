@@ -1022,6 +1022,26 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (rx * ry).sum(axis=-1) / np.where(den > 0, den, 1.0), np.nan)
 
 
+def _shared_cells(results: pd.DataFrame, models, setting: str, ratio, metric: str, n: int, seed: int,
+                  distinct: bool) -> dict:
+    """Per model, its (setting, ratio, metric) cell of `_replicates` over the criteria every one of
+    `models` has; a ValueError names a model without results or without that cell."""
+    shared = None
+    for name in models:
+        names = set(results.loc[(results["model"] == name) & (results["criterion"] != UNPRUNED), "criterion"])
+        if not names:
+            raise ValueError(f"no results of model {name!r} (models: {sorted(set(results['model']))})")
+        shared = names if shared is None else shared & names
+    cells = {}
+    for name in models:
+        found, _ = _replicates(results, n, seed, name, (UNPRUNED,), sorted(shared), metric, ratio, distinct)
+        found = [c for c in found if c["setting"] == setting]
+        if not found:
+            raise ValueError(f"model {name!r}: no {setting!r} results at ratio {ratio} for metric {metric!r}")
+        cells[name] = found[0]
+    return cells
+
+
 def rank_shift(results: pd.DataFrame, reference: str, other: str, *, setting: str = "task-agnostic", ratio: float = 0.25,
                metric: str = ACCURACY, n: int = 1000, level: float = 0.9, seed: int = 0,
                distinct: bool = True) -> tuple[pd.DataFrame, dict]:
@@ -1041,19 +1061,7 @@ def rank_shift(results: pd.DataFrame, reference: str, other: str, *, setting: st
     _check_filters(level, n, metric, ratio)
     if reference == other:
         raise ValueError(f"reference and other are both {reference!r}: compare two models")
-    shared = None
-    for name in (reference, other):
-        names = set(results.loc[(results["model"] == name) & (results["criterion"] != UNPRUNED), "criterion"])
-        if not names:
-            raise ValueError(f"no results of model {name!r} (models: {sorted(set(results['model']))})")
-        shared = names if shared is None else shared & names
-    cells = {}
-    for name in (reference, other):
-        found, _ = _replicates(results, n, seed, name, (UNPRUNED,), sorted(shared), metric, ratio, distinct)
-        found = [c for c in found if c["setting"] == setting]
-        if not found:
-            raise ValueError(f"model {name!r}: no {setting!r} results at ratio {ratio} for metric {metric!r}")
-        cells[name] = found[0]
+    cells = _shared_cells(results, (reference, other), setting, ratio, metric, n, seed, distinct)
     criteria = [c for c in cells[reference]["criteria"] if c in cells[other]["criteria"]]
     a = cells[reference]
     b = cells[other]
@@ -1096,19 +1104,7 @@ def rank_shift_beyond(results: pd.DataFrame, reference: str, other: str, yardsti
     _check_filters(level, n, metric, ratio)
     if len({reference, other, yardstick}) != 3:
         raise ValueError(f"reference, other and yardstick must be three models, got {reference!r}, {other!r}, {yardstick!r}")
-    shared = None
-    for name in (reference, other, yardstick):
-        names = set(results.loc[(results["model"] == name) & (results["criterion"] != UNPRUNED), "criterion"])
-        if not names:
-            raise ValueError(f"no results of model {name!r} (models: {sorted(set(results['model']))})")
-        shared = names if shared is None else shared & names
-    cells = {}
-    for name in (reference, other, yardstick):
-        found, _ = _replicates(results, n, seed, name, (UNPRUNED,), sorted(shared), metric, ratio, distinct)
-        found = [c for c in found if c["setting"] == setting]
-        if not found:
-            raise ValueError(f"model {name!r}: no {setting!r} results at ratio {ratio} for metric {metric!r}")
-        cells[name] = found[0]
+    cells = _shared_cells(results, (reference, other, yardstick), setting, ratio, metric, n, seed, distinct)
     criteria = [c for c in cells[reference]["criteria"] if all(c in cells[m]["criteria"] for m in (other, yardstick))]
     point, boot = {}, {}
     for name, cell in cells.items():
