@@ -78,13 +78,13 @@ from .project import DATA, FIGURES, NOTEBOOKS, RUNS, is_checkout, project_root
 KERNEL_NAME = "moepaper"  # the kernel every notebook names; installed inside the virtual environment
 HTML_DIR = "docs/notebooks"  # rendered copies of the embedded configuration's executed notebooks
 SOLUTIONS = "00_formulation_solutions.ipynb"  # the exercises of 00, solved; runs with 00's parameters
-MEASURING = ("00_formulation.ipynb", "03_damage_check.ipynb")
+MEASURING = ("00_formulation.ipynb", "03_damage_check.ipynb")  # they store their costly measurements (`pipeline.measurements`)
 # Parameters that change how a run gets its numbers, not what it produces (`force`: measure again;
 # `workers`: processes of notebook 02's sweep): left out of a run's done marker.
 HOW_ONLY = ("force", "workers")
 # Notebook 02's worker processes for the embedded models' sweeps (one torch thread each): the
 # machines this runs on have two cores or more (benchmarks/sweep_workers.py measures the gain).
-EMBEDDED_WORKERS = 2  # they store their costly measurements (`pipeline.measurements`)
+EMBEDDED_WORKERS = 2
 
 
 @dataclass
